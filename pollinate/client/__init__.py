@@ -1,0 +1,1 @@
+"""What runs on an edge client: the Flower ClientApp and each method's client half."""

@@ -1,0 +1,1 @@
+"""Protobuf schemas and their generated modules (regenerate with `make protos`)."""

@@ -1,0 +1,1 @@
+"""Local multi-client runs on Flower's simulation engine, scenarios and benchmarks."""
