@@ -1,0 +1,30 @@
+"""The Flower ClientApp: reads the run config from the message and hands it to the method's client half."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
+
+from pollinate.common.config import RunConfig
+from pollinate.methods import method_module
+
+app = ClientApp()
+
+
+def client_half(method: str):
+    return importlib.import_module(f"pollinate.client.{method_module(method)}")
+
+
+def _run_config(msg: Message) -> RunConfig:
+    return RunConfig.from_json(str(msg.content["config"]["run-config"]))
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    cfg = _run_config(msg)
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    content = client_half(cfg.method).train(msg, cfg, dict(context.node_config))
+    return Message(content=content, reply_to=msg)

@@ -1,0 +1,288 @@
+"""`pollinate join`: run a Flower SuperNode that connects this machine to a coordinator.
+
+Reconnection: `flower-supernode` itself retries transport errors with exponential backoff (bounded here by
+`--max-wait-time`), which covers a coordinator that is briefly unreachable. It does not survive a
+coordinator *restart*: the new SuperLink does not know its node id, the SuperNode gets 401 and exits. So
+`join` supervises it and starts a fresh SuperNode (new node id, same key) with backoff, until the coordinator
+has been unreachable for the whole retry budget.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TextIO
+
+from pollinate.common.keys import check_ca_cert, load_node_private_key
+from pollinate.common.processes import (
+    ChildProcess,
+    child_env,
+    flwr_executable,
+    free_loopback_port,
+    stop_on_signals,
+)
+
+log = logging.getLogger(__name__)
+
+NodeConfigValue = str | int | float | bool
+_ADDRESS = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):(\d{1,5})$")
+_CONNECTED = "SuperNode ID:"
+_TLS_MARKERS = ("CERTIFICATE_VERIFY_FAILED", "SSL/TLS handshake error", "certificate verify failed")
+# Flower exit codes that retrying cannot fix (ref-exit-codes): bad key, auth without TLS, bad trusted
+# entities; 2 is argparse's usage error.
+_PERMANENT_EXIT_CODES = {2: "invalid arguments", 302: "invalid node private key",
+                         303: "node authentication requires TLS", 304: "invalid trusted entities"}
+
+
+class JoinError(RuntimeError):
+    """The node cannot join, and retrying will not help (TLS trust, key, arguments)."""
+
+
+class CoordinatorUnreachableError(JoinError):
+    """The coordinator did not accept this node within the retry budget."""
+
+
+@dataclass
+class JoinSpec:
+    """How this node joins a coordinator.
+
+    Parameters
+    ----------
+    coordinator : str
+        Coordinator address `host:port` (as printed by `pollinate coordinator`).
+    work_dir : Path
+        Logs (`logs/supernode.log`) and this node's Flower home (installed app metadata).
+    ca_cert : Path or None
+        CA certificate to trust (`ca.crt` from the coordinator's `pollinate keys init`). Required unless
+        insecure.
+    private_key : Path or None
+        This node's OpenSSH private key (`pollinate keys node`); required by a coordinator with node auth.
+    insecure : bool, default False
+        Plain HTTP (only against an insecure coordinator).
+    data_path : Path or None
+        Local data the ClientApp trains on; reaches it as `context.node_config["data-path"]`.
+    profile_path : Path or None
+        Edge resource profile; reaches the ClientApp as `context.node_config["profile"]`.
+    partition_id : int or None
+        Reaches the ClientApp as `context.node_config["partition-id"]` (for pre-partitioned data).
+    node_config : mapping, default {}
+        Further node config entries.
+    retry_budget_s : float, default 300
+        Give up when the coordinator has not accepted this node for this long.
+    max_backoff_s : float, default 30
+        Longest wait between SuperNode restarts.
+    env : mapping or None
+        Extra environment for the SuperNode and its ClientApp processes.
+    """
+
+    coordinator: str
+    work_dir: Path
+    ca_cert: Path | None = None
+    private_key: Path | None = None
+    insecure: bool = False
+    data_path: Path | None = None
+    profile_path: Path | None = None
+    partition_id: int | None = None
+    node_config: Mapping[str, NodeConfigValue] = field(default_factory=dict)
+    retry_budget_s: float = 300.0
+    max_backoff_s: float = 30.0
+    env: Mapping[str, str] | None = None
+
+    def __post_init__(self) -> None:
+        match = _ADDRESS.match(self.coordinator)
+        if not match or not 1 <= int(match.group(2)) <= 65535:
+            raise ValueError(
+                f"coordinator={self.coordinator!r} must be host:port, e.g. coord.example.org:9092"
+            )
+        if self.insecure and self.ca_cert is not None:
+            raise ValueError("ca_cert and insecure=True contradict each other; pass one")
+        if not self.insecure and self.ca_cert is None:
+            raise ValueError("ca_cert is required unless insecure=True (the coordinator's ca.crt)")
+        if self.insecure and self.private_key is not None:
+            raise ValueError("private_key needs TLS: SuperNode auth does not work with insecure=True")
+        if self.retry_budget_s <= 0:
+            raise ValueError(f"retry_budget_s={self.retry_budget_s} must be > 0")
+        self.work_dir = Path(self.work_dir).expanduser().resolve()
+        for name in ("ca_cert", "private_key", "data_path", "profile_path"):
+            if (value := getattr(self, name)) is not None:
+                setattr(self, name, Path(value).expanduser().resolve())
+
+    def full_node_config(self) -> dict[str, NodeConfigValue]:
+        """Node config handed to the ClientApp: data/profile paths and partition id, then extras."""
+        config: dict[str, NodeConfigValue] = {}
+        if self.data_path is not None:
+            config["data-path"] = str(self.data_path)
+        if self.profile_path is not None:
+            config["profile"] = str(self.profile_path)
+        if self.partition_id is not None:
+            config["partition-id"] = self.partition_id
+        config.update(self.node_config)
+        return config
+
+
+def node_config_arg(config: Mapping[str, NodeConfigValue]) -> str:
+    """Render node config as Flower's `--node-config` string (space-separated TOML `key=value`).
+
+    Strings are written as TOML literal strings ('...'): backslashes in Windows paths stay as they are.
+    """
+    parts = []
+    for key, value in config.items():
+        if not re.fullmatch(r"[A-Za-z0-9_-]+", key):
+            raise ValueError(f"node config key {key!r} must be letters, digits, '-' or '_'")
+        if isinstance(value, bool):
+            rendered = "true" if value else "false"
+        elif isinstance(value, int | float):
+            rendered = repr(value)
+        elif isinstance(value, str):
+            # Flower splits the string with a regex that cannot see escaped quotes.
+            if "'" in value or "\n" in value:
+                raise ValueError(f"node config {key}={value!r} must not contain a single quote or newline")
+            rendered = f"'{value}'"
+        else:
+            raise ValueError(f"node config {key}={value!r} must be str, int, float or bool")
+        parts.append(f"{key}={rendered}")
+    return " ".join(parts)
+
+
+def supernode_argv(spec: JoinSpec, runtime_port: int, max_wait_s: float) -> list[str]:
+    """The `flower-supernode` command line for `spec`, with its local Runtime API on `runtime_port`."""
+    argv = [flwr_executable("flower-supernode"), "--superlink", spec.coordinator]
+    if spec.insecure:
+        argv.append("--insecure")
+    else:
+        argv += ["--root-certificates", str(spec.ca_cert)]
+    if spec.private_key is not None:
+        argv += ["--auth-supernode-private-key", str(spec.private_key)]
+    # The Runtime API (SuperNode <-> ClientApp processes) stays on loopback, on a port of its own so
+    # several nodes can share a machine.
+    argv += ["--host", "127.0.0.1", "--port", str(runtime_port)]
+    argv += ["--max-wait-time", f"{max(max_wait_s, 1.0):.0f}"]
+    if config := spec.full_node_config():
+        argv += ["--node-config", node_config_arg(config)]
+    return argv
+
+
+class Node:
+    """Runs and supervises one SuperNode; `stop()` (any thread) or SIGINT/SIGTERM ends it.
+
+    Parameters
+    ----------
+    spec : JoinSpec
+        How to join.
+    echo : TextIO or None, default sys.stdout
+        Where to copy the SuperNode's log lines (always also in `work_dir/logs/supernode.log`).
+    """
+
+    def __init__(self, spec: JoinSpec, echo: TextIO | None = sys.stdout) -> None:
+        self.spec = spec
+        self.echo = echo
+        self.child: ChildProcess | None = None
+        self.connections = 0
+        self._stop = threading.Event()
+        self._connected = threading.Event()
+
+    def check(self) -> None:
+        """Fail early on unreadable/invalid CA certificate, node key or data/profile paths."""
+        if self.spec.ca_cert is not None:
+            check_ca_cert(self.spec.ca_cert)
+        if self.spec.private_key is not None:
+            load_node_private_key(self.spec.private_key)
+        for what, path in (("data path", self.spec.data_path), ("profile", self.spec.profile_path)):
+            if path is not None and not path.exists():
+                raise FileNotFoundError(f"{what} not found: {path}")
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    @property
+    def connected(self) -> threading.Event:
+        """Set once a SuperNode has been accepted by the coordinator."""
+        return self._connected
+
+    def _on_line(self, line: str) -> None:
+        if _CONNECTED in line:
+            self.connections += 1
+            self._connected.set()
+            self._last_connected = time.monotonic()
+
+    def run(self) -> None:
+        """Join and keep the node joined until stopped; raise if the coordinator stays unreachable."""
+        self.check()
+        home = self.spec.work_dir / "flwr_home"
+        home.mkdir(parents=True, exist_ok=True)
+        env = child_env({**(self.spec.env or {}), "FLWR_HOME": str(home)})
+        log_path = self.spec.work_dir / "logs" / "supernode.log"
+        self._last_connected = time.monotonic()
+        backoff = 1.0
+        with stop_on_signals(self._stop):
+            while not self._stop.is_set():
+                remaining = self.spec.retry_budget_s - (time.monotonic() - self._last_connected)
+                argv = supernode_argv(self.spec, free_loopback_port(), remaining)
+                self.child = ChildProcess(
+                    "supernode", argv, env, log_path, echo=self.echo, on_line=self._on_line
+                )
+                connections_before = self.connections
+                code = self._wait_child()
+                if code is None:  # stop requested
+                    return
+                output = self.child.tail(40)
+                if any(marker in output for marker in _TLS_MARKERS):
+                    raise JoinError(
+                        f"TLS verification of the coordinator at {self.spec.coordinator} failed: its "
+                        f"certificate is not signed by the CA in {self.spec.ca_cert}, or does not name "
+                        f"this host. Get the coordinator's ca.crt. (log: {log_path})"
+                    )
+                if code in _PERMANENT_EXIT_CODES:
+                    raise JoinError(
+                        f"flower-supernode exited with code {code} ({_PERMANENT_EXIT_CODES[code]}); "
+                        f"log: {log_path}\n{self.child.tail()}"
+                    )
+                if self.connections > connections_before:
+                    backoff = 1.0  # it was in: the coordinator restarted or dropped it, rejoin promptly
+                unreachable_for = time.monotonic() - self._last_connected
+                if unreachable_for + backoff > self.spec.retry_budget_s:
+                    raise CoordinatorUnreachableError(
+                        f"coordinator at {self.spec.coordinator} did not accept this node for "
+                        f"{unreachable_for:.0f} s (retry budget {self.spec.retry_budget_s:.0f} s). Is it "
+                        f"running, is the address right and is this node's public key registered there? "
+                        f"Last output "
+                        f"(full log: {log_path}):\n{self.child.tail(8)}"
+                    )
+                log.warning("SuperNode exited with code %s; rejoining %s in %.0f s",
+                            code, self.spec.coordinator, backoff)
+                if self._stop.wait(backoff):
+                    return
+                backoff = min(backoff * 2, self.spec.max_backoff_s)
+
+    def _wait_child(self) -> int | None:
+        assert self.child is not None
+        while True:
+            if self._stop.is_set():
+                self.child.stop()
+                return None
+            try:
+                return self.child.wait(timeout=0.2)
+            except subprocess.TimeoutExpired:
+                continue
+
+    def __enter__(self) -> Node:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+        if self.child is not None:
+            self.child.stop()
+
+
+def join(spec: JoinSpec, echo: TextIO | None = sys.stdout) -> None:
+    """Join the coordinator and stay joined until SIGINT/SIGTERM (see `Node`)."""
+    with Node(spec, echo) as node:
+        node.run()
+

@@ -1,0 +1,120 @@
+"""Per-process state of an edge client: the base model, tokenizer and local data, loaded once and kept.
+
+A Flower client process (a SuperNode's ClientApp process, or a Ray actor in simulation) serves many rounds
+and, in simulation, several virtual clients. Rebuilding the base per round would dominate round time, so
+everything expensive is cached here by what determines it.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from pollinate.common.config import RunConfig
+from pollinate.common.data import encoder_for, load_task, partition_indices
+from pollinate.common.models import load_model, load_tokenizer, resolve_model
+
+_CACHE: dict[tuple, Any] = {}
+
+
+def cached(key: tuple, build):
+    """Build once per process; later calls with the same key reuse the object."""
+    if key not in _CACHE:
+        _CACHE[key] = build()
+    return _CACHE[key]
+
+
+@dataclass
+class LocalData:
+    """One client's encoded training examples."""
+
+    client_id: int
+    encoded: list[dict[str, Any]]
+    num_labels: int
+    task_type: str
+
+    @property
+    def num_examples(self) -> int:
+        return len(self.encoded)
+
+
+def model_task(cfg: RunConfig) -> tuple[str, str]:
+    """(model directory, task type) for this run."""
+    info = resolve_model(cfg.model.name)
+    task = info.default_task if cfg.data.task_type == "auto" else cfg.data.task_type
+    return info.path, task
+
+
+def tokenizer_for(cfg: RunConfig):
+    path, _ = model_task(cfg)
+    return cached(("tokenizer", path), lambda: load_tokenizer(path))
+
+
+def local_data(cfg: RunConfig, node_config: dict[str, Any]) -> LocalData:
+    """This client's examples: its partition of the run's data source (simulation), or, when the node was
+    started with ``data-path`` (deployment), all of that local file."""
+    path, task = model_task(cfg)
+    data_cfg = cfg.data
+    if node_config.get("data-path"):
+        from dataclasses import replace
+
+        data_cfg = replace(cfg.data, source=str(node_config["data-path"]), partition="iid")
+    partition_id = int(node_config.get("partition-id", 0))
+    num_partitions = int(node_config.get("num-partitions", cfg.federation.clients))
+
+    def build() -> LocalData:
+        task_data = load_task(data_cfg, task, cfg.federation.seed)
+        if node_config.get("data-path"):
+            rows = task_data.train
+        else:
+            parts = partition_indices(task_data.train, num_partitions, data_cfg, task_data.partition_by,
+                                      cfg.federation.seed)
+            rows = [task_data.train[i] for i in parts[partition_id]]
+        tokenizer = tokenizer_for(cfg)
+        encode = encoder_for(task_data.task_type)
+        encoded = [encode(r, tokenizer, cfg.model.max_seq_len) for r in rows]
+        return LocalData(partition_id, encoded, len(task_data.labels), task_data.task_type)
+
+    key = ("data", path, repr(data_cfg), partition_id, num_partitions, cfg.federation.seed, cfg.model.max_seq_len)
+    return cached(key, build)
+
+
+def base_model(cfg: RunConfig, num_labels: int, quantization_config=None, tag: str = "") -> torch.nn.Module:
+    """The frozen pretrained base, loaded once per process per (model, task, quantization, tag)."""
+    path, task = model_task(cfg)
+    key = ("base", path, task, num_labels, repr(quantization_config), tag)
+    return cached(key, lambda: load_model(path, task, num_labels, quantization_config))
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident memory of this process so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def seed_everything(cfg: RunConfig, server_round: int, client_id: int) -> None:
+    """Same seed + round + client -> the same dropout masks and batch order, whichever process runs it."""
+    torch.manual_seed(cfg.federation.seed * 1_000_003 + server_round * 1_009 + client_id)
+
+
+def train_steps(model: torch.nn.Module, batches, steps: int, lr: float, weight_decay: float,
+                max_grad_norm: float) -> dict[str, float]:
+    """The local loop: batches in, loss, backward, clip, step; mean loss and seconds out."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    model.train()
+    losses = []
+    start = time.perf_counter()
+    for _ in range(steps):
+        batch = batches.next_batch()
+        loss = model(**batch).loss
+        loss.backward()
+        if max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(float(loss.detach()))
+    return {"train_loss": sum(losses) / len(losses), "train_seconds": time.perf_counter() - start}

@@ -1,0 +1,209 @@
+"""Run outputs: ``metrics.jsonl`` (one line per round and per client event), ``report.json``, ``report.md`` + PNGs.
+
+report.json schema (every method writes the same keys; methods may add their own):
+  method, model, task, num_clients, initial_eval {eval_loss, eval_metrics},
+  rounds: [{round, train_loss, eval_loss, eval_metrics, bytes_up, bytes_down, seconds,
+            clients: [{client_id, bytes_up, bytes_down, train_seconds, num_examples, peak_rss_bytes, ...}]}],
+  rejected: [{round, client_id, reason}], totals {bytes_up, bytes_down, seconds}, adapter_dir, config.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write + fsync + rename: a reader never sees half a file, a crash never leaves one."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return f"{n:.2f} GB"
+
+
+class RunRecorder:
+    """Collects per-round records, appends them to metrics.jsonl as they happen and prints progress."""
+
+    def __init__(self, run_dir: Path, header: dict[str, Any], console: Console | None = None, quiet: bool = False):
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.header = header
+        self.rounds: list[dict[str, Any]] = []
+        self.rejected: list[dict[str, Any]] = []
+        self.initial_eval: dict[str, Any] | None = None
+        self.console = console or Console(stderr=True)
+        self.quiet = quiet
+        self.started = time.time()
+        self._metrics = open(self.run_dir / "metrics.jsonl", "a")
+
+    def event(self, kind: str, **fields: Any) -> None:
+        """One line of metrics.jsonl; flushed so a crash keeps everything up to here."""
+        self._metrics.write(json.dumps({"type": kind, "time": round(time.time(), 3), **fields}) + "\n")
+        self._metrics.flush()
+
+    def client_event(self, server_round: int, **fields: Any) -> None:
+        self.event("client", round=server_round, **fields)
+
+    def reject(self, server_round: int, client_id: Any, reason: str) -> None:
+        self.rejected.append({"round": server_round, "client_id": client_id, "reason": reason})
+        self.event("rejected", round=server_round, client_id=client_id, reason=reason)
+        self.console.print(f"[yellow]round {server_round}: rejected update from client {client_id}: {reason}")
+
+    def initial(self, evaluation: dict[str, Any]) -> None:
+        self.initial_eval = evaluation
+        self.event("initial_eval", **evaluation)
+        if not self.quiet:
+            self.console.print(f"round 0 (before training): eval_loss {evaluation['eval_loss']:.4f} "
+                               f"{_headline(evaluation['eval_metrics'])}")
+
+    def round_done(self, record: dict[str, Any]) -> None:
+        self.rounds.append(record)
+        self.event("round", **{k: v for k, v in record.items() if k != "clients"})
+        if not self.quiet:
+            up = sum(r["bytes_up"] for r in self.rounds)
+            down = sum(r["bytes_down"] for r in self.rounds)
+            self.console.print(
+                f"round {record['round']}/{self.header['rounds_planned']}: train_loss {_num(record['train_loss'])} "
+                f"eval_loss {record['eval_loss']:.4f} {_headline(record['eval_metrics'])} | "
+                f"up {human_bytes(record['bytes_up'])} down {human_bytes(record['bytes_down'])} "
+                f"(total {human_bytes(up + down)}) | {record['seconds']:.1f}s | {len(record['clients'])} clients"
+            )
+
+    def report(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        totals = {
+            "bytes_up": sum(r["bytes_up"] for r in self.rounds),
+            "bytes_down": sum(r["bytes_down"] for r in self.rounds),
+            "seconds": round(time.time() - self.started, 3),
+        }
+        return {**{k: v for k, v in self.header.items() if k != "rounds_planned"},
+                "initial_eval": self.initial_eval, "rounds": self.rounds, "rejected": self.rejected,
+                "totals": totals, **(extra or {})}
+
+    def write(self, extra: dict[str, Any] | None = None, plots: bool = True) -> dict[str, Any]:
+        report = self.report(extra)
+        atomic_write_text(self.run_dir / "report.json", json.dumps(report, indent=2))
+        if plots:
+            write_markdown(self.run_dir, report)
+        self._metrics.close()
+        return report
+
+def summary_table(report: dict[str, Any]) -> Table:
+    table = Table(title=f"{report['method']} on {report['task']} ({report['model']})")
+    for col in ("round", "train loss", "eval loss", "metric", "bytes up", "bytes down", "seconds"):
+        table.add_column(col, justify="right")
+    for r in report["rounds"]:
+        table.add_row(str(r["round"]), _num(r['train_loss']), _num(r['eval_loss']),
+                      _headline(r["eval_metrics"]), human_bytes(r["bytes_up"]), human_bytes(r["bytes_down"]),
+                      f"{r['seconds']:.1f}")
+    return table
+
+
+def _num(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def _headline(metrics: dict[str, float]) -> str:
+    for key in ("exact_match", "accuracy"):
+        if key in metrics:
+            return f"{key} {metrics[key]:.3f}"
+    return ""
+
+
+def headline_metric(metrics: dict[str, float]) -> tuple[str, float]:
+    for key in ("exact_match", "accuracy"):
+        if key in metrics:
+            return key, metrics[key]
+    return "", float("nan")
+
+
+def write_plots(run_dir: Path, report: dict[str, Any]) -> list[str]:
+    """Loss and metric vs round, cumulative bytes vs round, as PNGs; returns their file names."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rounds = [0] + [r["round"] for r in report["rounds"]]
+    initial = report.get("initial_eval") or {"eval_loss": float("nan"), "eval_metrics": {}}
+    evals = [initial] + report["rounds"]
+    files = []
+
+    fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(10, 3.6))
+    ax_loss.plot(rounds, [e["eval_loss"] for e in evals], marker="o", label="eval loss")
+    train_losses = [float("nan") if r["train_loss"] is None else r["train_loss"] for r in report["rounds"]]
+    ax_loss.plot(rounds[1:], train_losses, marker="s", label="train loss")
+    ax_loss.set_xlabel("round")
+    ax_loss.legend()
+    name, _ = headline_metric(report["rounds"][-1]["eval_metrics"]) if report["rounds"] else ("", 0)
+    if name:
+        ax_metric.plot(rounds, [e["eval_metrics"].get(name, float("nan")) for e in evals], marker="o")
+        ax_metric.set_ylabel(name)
+    ax_metric.set_xlabel("round")
+    fig.tight_layout()
+    fig.savefig(run_dir / "loss_metric.png", dpi=110)
+    plt.close(fig)
+    files.append("loss_metric.png")
+
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    up = down = 0
+    ups, downs = [0], [0]
+    for r in report["rounds"]:
+        up, down = up + r["bytes_up"], down + r["bytes_down"]
+        ups.append(up / 1e6)
+        downs.append(down / 1e6)
+    ax.plot(rounds, ups, marker="o", label="up (client→server)")
+    ax.plot(rounds, downs, marker="s", label="down (server→client)")
+    ax.set_xlabel("round")
+    ax.set_ylabel("cumulative MB")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(run_dir / "bytes.png", dpi=110)
+    plt.close(fig)
+    files.append("bytes.png")
+    return files
+
+
+def write_markdown(run_dir: Path, report: dict[str, Any]) -> None:
+    plots = write_plots(run_dir, report)
+    lines = [
+        f"# {report['method']} — {report['task']} on {report['model']}",
+        "",
+        f"{report['num_clients']} clients, {len(report['rounds'])} rounds, "
+        f"{human_bytes(report['totals']['bytes_up'])} up, {human_bytes(report['totals']['bytes_down'])} down, "
+        f"{report['totals']['seconds']:.1f} s.",
+        "",
+        "| round | train loss | eval loss | metric | bytes up | bytes down | seconds |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    if report.get("initial_eval"):
+        ie = report["initial_eval"]
+        lines.append(f"| 0 | | {ie['eval_loss']:.4f} | {_headline(ie['eval_metrics'])} | | | |")
+    for r in report["rounds"]:
+        lines.append(f"| {r['round']} | {_num(r['train_loss'])} | {r['eval_loss']:.4f} | {_headline(r['eval_metrics'])}"
+                     f" | {r['bytes_up']} | {r['bytes_down']} | {r['seconds']:.1f} |")
+    if report["rounds"]:
+        last = report["rounds"][-1]["eval_metrics"]
+        per_group = {k.split("/", 1)[1]: v for k, v in last.items() if "/" in k}
+        if per_group:
+            lines += ["", "Final metric per group: " + ", ".join(f"{k} {v:.2f}" for k, v in per_group.items())]
+    if report.get("rejected"):
+        lines += ["", "## Rejected updates", ""] + [f"- round {r['round']}, client {r['client_id']}: {r['reason']}"
+                                                    for r in report["rejected"]]
+    lines += [""] + [f"![{p}]({p})" for p in plots]
+    atomic_write_text(run_dir / "report.md", "\n".join(lines) + "\n")

@@ -1,0 +1,449 @@
+"""`pollinate coordinator`: run one federated job on Flower's deployment engine.
+
+It starts a `flower-superlink` (TLS and SuperNode authentication unless insecure), registers the node public
+keys it was given, submits the run with `flwr run <app dir> --stream`, waits for it to finish and stops
+everything it started. No Pollinate code is copied: the app directory holds only a generated
+`pyproject.toml` whose components name the installed ServerApp/ClientApp modules, and the run config
+travels in its `[tool.flwr.app.config]` table (which `flwr run` sends to the SuperLink; the ServerApp
+reads it as `context.run_config`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TextIO
+
+import httpx
+import tomli_w
+
+from pollinate.common.keys import CertPaths, check_cert_paths, load_node_public_key
+from pollinate.common.processes import ChildProcess, child_env, flwr_executable, port_in_use, stop_on_signals
+
+log = logging.getLogger(__name__)
+
+RunConfigValue = str | int | float | bool
+CONNECTION_NAME = "pollinate"
+DEFAULT_PORT = 9092
+# Module reference accepted by Flower: "package.module:attribute".
+_APP_REF = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+_RUN_STARTED = re.compile(r"Successfully started run (\d+)")
+
+
+class CoordinatorError(RuntimeError):
+    """The coordinator could not start, or its run did not complete."""
+
+
+class PortInUseError(CoordinatorError):
+    """The SuperLink port is already taken by another process."""
+
+
+@dataclass
+class CoordinatorSpec:
+    """What the coordinator runs and how it is reached.
+
+    Parameters
+    ----------
+    run_dir : Path
+        Output directory of the run; the generated app (`flwr_app/`), Flower's home (`flwr_home/`) and
+        logs (`logs/`) go inside it.
+    server_app, client_app : str
+        Flower component references (`module:attribute`) importable in the coordinator's and clients'
+        environments, default the Pollinate apps.
+    run_config : mapping, default {}
+        Run config the ServerApp (and ClientApp) receive as `context.run_config`: str/int/float/bool
+        values, or nested tables (Flower flattens them to dotted keys).
+    host : str, default "127.0.0.1"
+        Address the SuperLink binds; "0.0.0.0" to accept clients from other machines.
+    port : int, default 9092
+        SuperLink port (Fleet, Control and Runtime APIs share it in Flower 1.42).
+    certs_dir : Path or None
+        Directory made by `pollinate keys init` (ca.crt, server.crt, server.key). Required unless insecure.
+    insecure : bool, default False
+        Plain HTTP and no SuperNode authentication; for local experiments only.
+    node_public_keys : sequence of Path, default ()
+        OpenSSH public keys of the nodes allowed to join (required with TLS: without any, none can join).
+    public_address : str or None
+        `host:port` clients should dial, shown in the join instructions; default derived from host.
+    env : mapping or None
+        Extra environment for the Flower processes (e.g. PYTHONPATH for apps outside the venv).
+    ready_timeout_s : float, default 60
+        How long to wait for the SuperLink to answer.
+    grace_s : float, default 5
+        Time children get to exit after SIGTERM before SIGKILL.
+    """
+
+    run_dir: Path
+    server_app: str = "pollinate.server.app:app"
+    client_app: str = "pollinate.client.app:app"
+    run_config: Mapping[str, object] = field(default_factory=dict)
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    certs_dir: Path | None = None
+    insecure: bool = False
+    node_public_keys: Sequence[Path] = ()
+    public_address: str | None = None
+    env: Mapping[str, str] | None = None
+    ready_timeout_s: float = 60.0
+    grace_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        self.run_dir = Path(self.run_dir).expanduser().resolve()
+        for name in ("server_app", "client_app"):
+            ref = getattr(self, name)
+            if not _APP_REF.match(ref):
+                raise ValueError(f"{name}={ref!r} is not a Flower component reference 'module:attribute'")
+        if not 1 <= self.port <= 65535:
+            raise ValueError(f"port={self.port} must be in 1..65535")
+        if not self.insecure and self.certs_dir is None:
+            raise ValueError(
+                "certs_dir is required unless insecure=True (create it with `pollinate keys init`)"
+            )
+        if self.insecure and self.node_public_keys:
+            raise ValueError("node_public_keys need TLS: SuperNode authentication is off with insecure=True")
+        self.node_public_keys = [Path(p).expanduser().resolve() for p in self.node_public_keys]
+        if self.certs_dir is not None:
+            self.certs_dir = Path(self.certs_dir).expanduser().resolve()
+        _check_run_config(self.run_config)
+
+    @property
+    def cert_paths(self) -> CertPaths | None:
+        return None if self.insecure or self.certs_dir is None else CertPaths.in_dir(self.certs_dir)
+
+    @property
+    def local_address(self) -> str:
+        """Address the coordinator's own `flwr` CLI uses: loopback when the SuperLink binds everything."""
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "127.0.0.1", "localhost") else self.host
+        host = "::1" if self.host == "::" else host
+        return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
+
+    @property
+    def join_address(self) -> str:
+        if self.public_address:
+            return self.public_address
+        if self.host in ("0.0.0.0", "::"):
+            return f"{socket.getfqdn()}:{self.port}"
+        return self.local_address
+
+
+def _check_run_config(config: Mapping[str, object], prefix: str = "") -> None:
+    for key, value in config.items():
+        if isinstance(value, Mapping):
+            _check_run_config(value, f"{prefix}{key}.")
+        elif not isinstance(value, str | int | float | bool):
+            raise ValueError(
+                f"run_config[{prefix}{key!r}] is {type(value).__name__}; Flower run config values must be "
+                "str, int, float, bool or a table of those"
+            )
+
+
+@dataclass
+class RunOutcome:
+    """How the Flower run ended.
+
+    Parameters
+    ----------
+    run_id : int
+        Flower's run id.
+    status : str
+        Flower's final status, e.g. "finished:completed" or "finished:failed".
+    details : str
+        Flower's status details (the error for a failed run).
+    """
+
+    run_id: int
+    status: str
+    details: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "finished:completed"
+
+
+def write_app_dir(spec: CoordinatorSpec) -> Path:
+    """Write the Flower app directory `flwr run` needs: only a pyproject.toml naming installed modules.
+
+    The SuperLink runs with runtime dependency installation disabled, so the FAB built from this directory
+    is never `uv sync`ed; the ServerApp/ClientApp processes import the components from their environment.
+    """
+    app_dir = spec.run_dir / "flwr_app"
+    app_dir.mkdir(parents=True, exist_ok=True)
+    pyproject = {
+        "project": {
+            "name": "pollinate-run",
+            "version": "0.1.0",
+            "description": "Pollinate run (generated by `pollinate coordinator`; components are installed)",
+            "license": "Apache-2.0",
+            "dependencies": [],
+        },
+        "tool": {
+            "flwr": {
+                "app": {
+                    "publisher": "pollinate",
+                    "components": {"serverapp": spec.server_app, "clientapp": spec.client_app},
+                    "config": dict(spec.run_config),
+                }
+            }
+        },
+    }
+    (app_dir / "pyproject.toml").write_text(tomli_w.dumps(pyproject), encoding="utf-8")
+    return app_dir
+
+
+def write_flwr_home(spec: CoordinatorSpec) -> Path:
+    """Write `$FLWR_HOME/config.toml` with one SuperLink connection named `pollinate` for the `flwr` CLI."""
+    home = spec.run_dir / "flwr_home"
+    home.mkdir(parents=True, exist_ok=True)
+    connection: dict[str, object] = {"address": spec.local_address}
+    paths = spec.cert_paths
+    if paths is None:
+        connection["insecure"] = True
+    else:
+        connection["root-certificates"] = str(paths.ca_cert)
+    config = {"superlink": {"default": CONNECTION_NAME, CONNECTION_NAME: connection}}
+    (home / "config.toml").write_text(tomli_w.dumps(config), encoding="utf-8")
+    return home
+
+
+def superlink_argv(spec: CoordinatorSpec) -> list[str]:
+    """The `flower-superlink` command line for `spec`."""
+    argv = [
+        flwr_executable("flower-superlink"),
+        "--host", spec.host,
+        "--port", str(spec.port),
+        # Without it the SuperLink `uv sync`s each app's dependencies (a CUDA torch download).
+        "--disable-runtime-dependency-installation",
+    ]
+    paths = spec.cert_paths
+    if paths is None:
+        argv.append("--insecure")
+    else:
+        argv += [
+            "--ssl-certfile", str(paths.server_cert),
+            "--ssl-keyfile", str(paths.server_key),
+            "--ssl-ca-certfile", str(paths.ca_cert),
+            "--enable-supernode-auth",
+        ]
+    return argv
+
+
+def join_instructions(spec: CoordinatorSpec) -> str:
+    """What a client runs to join, as shell text."""
+    lines = [f"Clients join with:\n  pollinate join --coordinator {spec.join_address} \\"]
+    if spec.insecure:
+        lines.append("      --insecure \\")
+    else:
+        lines.append("      --certs <dir holding this coordinator's ca.crt> --key <node private key> \\")
+    lines.append("      --data <local data path> [--profile <edge profile .toml>] [--partition-id N]")
+    if not spec.insecure:
+        names = ", ".join(p.stem for p in spec.node_public_keys) or "none: no client can join"
+        lines.append(f"Registered node keys: {names}")
+    return "\n".join(lines)
+
+
+class Coordinator:
+    """Owns the SuperLink of one run and every process it starts; a context manager that stops them.
+
+    Parameters
+    ----------
+    spec : CoordinatorSpec
+        What to run.
+    echo : TextIO or None, default sys.stdout
+        Where to copy the run's streamed log and the join instructions; None for silence (logs still go
+        to `run_dir/logs/`).
+    """
+
+    def __init__(self, spec: CoordinatorSpec, echo: TextIO | None = sys.stdout) -> None:
+        self.spec = spec
+        self.echo = echo
+        self.log_dir = spec.run_dir / "logs"
+        self.superlink: ChildProcess | None = None
+        self._children: list[ChildProcess] = []
+        self._env: dict[str, str] = {}
+        self._stop = threading.Event()
+        self.ready = threading.Event()  # set once the SuperLink answers and node keys are registered
+
+    # -- preparation ---------------------------------------------------------------------------------
+    def check(self) -> None:
+        """Fail early, naming the culprit: cert files, node keys, port."""
+        if (paths := self.spec.cert_paths) is not None:
+            check_cert_paths(paths)
+        for key in self.spec.node_public_keys:
+            load_node_public_key(key)
+        if port_in_use(self.spec.host, self.spec.port):
+            raise PortInUseError(
+                f"port {self.spec.port} on {self.spec.host} is already in use; stop what holds it or pick "
+                "another with --port"
+            )
+
+    def prepare(self) -> Path:
+        """Check inputs and write the app directory and Flower home; return the app directory."""
+        self.check()
+        app_dir = write_app_dir(self.spec)
+        home = write_flwr_home(self.spec)
+        self._env = child_env({**(self.spec.env or {}), "FLWR_HOME": str(home)})
+        return app_dir
+
+    # -- processes -----------------------------------------------------------------------------------
+    def _start(self, name: str, argv: list[str], *, echo: bool = False, on_line=None) -> ChildProcess:
+        child = ChildProcess(
+            name, argv, self._env, self.log_dir / f"{name}.log",
+            echo=self.echo if echo else None, on_line=on_line, cwd=self.spec.run_dir,
+        )
+        self._children.append(child)
+        return child
+
+    def start_superlink(self) -> None:
+        """Start the SuperLink and wait until it answers on its port."""
+        if self.spec.insecure:
+            log.warning(
+                "INSECURE coordinator: no TLS and no SuperNode authentication on %s:%s. Anyone who can reach "
+                "this port can join, read the model and submit runs. Use only on a trusted local network.",
+                self.spec.host, self.spec.port,
+            )
+        self.superlink = self._start("superlink", superlink_argv(self.spec))
+        self._wait_ready()
+
+    def _wait_ready(self) -> None:
+        assert self.superlink is not None
+        paths = self.spec.cert_paths
+        scheme = "http" if paths is None else "https"
+        verify: ssl.SSLContext | bool = False
+        if paths is not None:
+            verify = ssl.create_default_context(cafile=str(paths.ca_cert))
+        url = f"{scheme}://{self.spec.local_address}/health"
+        deadline = time.monotonic() + self.spec.ready_timeout_s
+        while time.monotonic() < deadline and not self._stop.is_set():
+            if (code := self.superlink.poll()) is not None:
+                raise CoordinatorError(
+                    f"flower-superlink exited with code {code} during startup "
+                    f"(log: {self.superlink.log_path}):\n{self.superlink.tail()}"
+                )
+            try:
+                if httpx.get(url, verify=verify, timeout=2.0).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        if self._stop.is_set():
+            raise KeyboardInterrupt
+        raise CoordinatorError(
+            f"flower-superlink did not answer on {url} within {self.spec.ready_timeout_s:.0f} s "
+            f"(log: {self.superlink.log_path}):\n{self.superlink.tail()}"
+        )
+
+    def _flwr(self, name: str, *args: str, timeout: float = 60.0, echo: bool = False, on_line=None) -> int:
+        child = self._start(name, [flwr_executable("flwr"), *args], echo=echo, on_line=on_line)
+        try:
+            return self._wait_child(child, timeout)
+        finally:
+            self._children.remove(child)
+
+    def _wait_child(self, child: ChildProcess, timeout: float | None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            if self._stop.is_set():
+                child.stop(self.spec.grace_s)
+                raise KeyboardInterrupt
+            try:
+                return child.wait(timeout=0.2)
+            except subprocess.TimeoutExpired:
+                if deadline is not None and time.monotonic() > deadline:
+                    child.stop(self.spec.grace_s)
+                    raise CoordinatorError(
+                        f"`{' '.join(child.argv[1:3])}` did not finish within {timeout:.0f} s "
+                        f"(log: {child.log_path}):\n{child.tail()}"
+                    ) from None
+
+    def register_nodes(self) -> None:
+        """Register every node public key with the SuperLink (`flwr supernode register`)."""
+        for key in self.spec.node_public_keys:
+            code = self._flwr(f"register-{key.stem}", "supernode", "register", str(key), CONNECTION_NAME)
+            if code != 0:
+                log_path = self.log_dir / f"register-{key.stem}.log"
+                raise CoordinatorError(
+                    f"registering node key {key} failed (exit {code}); see {log_path}:\n"
+                    f"{log_path.read_text(errors='replace')[-2000:]}"
+                )
+
+    def submit_run(self, app_dir: Path, timeout_s: float | None = None) -> RunOutcome:
+        """Submit the run with `flwr run --stream`, wait until it ends and return Flower's final status."""
+        run_ids: list[int] = []
+
+        def grab_run_id(line: str) -> None:
+            if match := _RUN_STARTED.search(line):
+                run_ids.append(int(match.group(1)))
+
+        code = self._flwr(
+            "flwr-run", "run", str(app_dir), CONNECTION_NAME, "--stream",
+            timeout=timeout_s, echo=True, on_line=grab_run_id,
+        )
+        if not run_ids:
+            log_path = self.log_dir / "flwr-run.log"
+            raise CoordinatorError(
+                f"`flwr run` did not start a run (exit {code}); see {log_path}:\n"
+                f"{log_path.read_text(errors='replace')[-2000:]}"
+            )
+        return self.run_status(run_ids[-1])
+
+    def run_status(self, run_id: int) -> RunOutcome:
+        """Flower's status of `run_id` (`flwr ls --run-id ID --format json`)."""
+        lines: list[str] = []
+        self._flwr("flwr-ls", "ls", CONNECTION_NAME, "--run-id", str(run_id), "--format", "json",
+                   on_line=lines.append)
+        text = "\n".join(lines)
+        try:
+            runs = json.loads(text[text.index("{"):])["runs"]
+            row = next(r for r in runs if int(r["run-id"]) == run_id)
+        except (ValueError, KeyError, StopIteration) as err:
+            raise CoordinatorError(
+                f"could not read the status of run {run_id} from `flwr ls`: {text}"
+            ) from err
+        return RunOutcome(run_id, str(row.get("status", "")), str(row.get("status-details", "") or ""))
+
+    def stop(self) -> None:
+        """Stop every child still running, newest first (the SuperLink last)."""
+        self._stop.set()
+        for child in reversed(self._children):
+            child.stop(self.spec.grace_s)
+        self._children.clear()
+
+    def __enter__(self) -> Coordinator:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- all together ---------------------------------------------------------------------------------
+    def run(self, timeout_s: float | None = None) -> RunOutcome:
+        """Prepare, start the SuperLink, register nodes, run the job to completion, stop everything.
+
+        SIGINT/SIGTERM (when called from the main thread) stop the children and raise KeyboardInterrupt.
+        """
+        with self, stop_on_signals(self._stop):
+            app_dir = self.prepare()
+            self.start_superlink()
+            self.register_nodes()
+            self.ready.set()
+            if self.echo is not None:
+                self.echo.write(f"Coordinator listening on {self.spec.host}:{self.spec.port}.\n")
+                self.echo.write(join_instructions(self.spec) + "\n")
+                self.echo.flush()
+            outcome = self.submit_run(app_dir, timeout_s)
+            if not outcome.ok:
+                raise CoordinatorError(
+                    f"run {outcome.run_id} ended with status {outcome.status}: {outcome.details} "
+                    f"(logs in {self.log_dir})"
+                )
+            return outcome
+

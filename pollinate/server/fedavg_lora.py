@@ -1,0 +1,59 @@
+"""fedavg-lora, server half: FedAvg of the full fp32 LoRA state (the FlowerTune protocol baseline).
+
+The global state is peft's adapter state dict; every client receives all of it and returns all of it;
+the new global is the example-weighted mean. Evaluation and the saved adapter use the same peft model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, RecordDict
+
+from pollinate.common.adapters import adapter_state, load_adapter_state, peft_lora_config, wrap_with_lora
+from pollinate.common.config import RunConfig
+from pollinate.common.models import load_model
+from pollinate.common.report import RunRecorder
+from pollinate.common.wire import arrays_to_record, record_to_arrays
+from pollinate.server.evaluation import ServerEvaluator
+from pollinate.server.strategy import PollinateStrategy, check_arrays, weighted_average
+
+
+class FedAvgLora(PollinateStrategy):
+    """FedAvg over peft LoRA adapters; all parameters in ``RunConfig`` (``[lora]``, ``[train]``, ...)."""
+
+    def __init__(self, cfg: RunConfig, recorder: RunRecorder, run_dir: Path):
+        super().__init__(cfg, recorder, run_dir)
+        self.evaluator = ServerEvaluator(cfg)
+        torch.manual_seed(cfg.federation.seed)  # the initial adapter is a function of the seed
+        base = load_model(self.evaluator.model_path, self.evaluator.task.task_type, self.evaluator.num_labels)
+        self.model = wrap_with_lora(base, peft_lora_config(cfg.lora, self.evaluator.family,
+                                                           self.evaluator.task.task_type))
+        self.shapes = {k: v.shape for k, v in adapter_state(self.model).items()}
+
+    def initial_arrays(self) -> ArrayRecord:
+        return arrays_to_record(adapter_state(self.model))
+
+    def check_reply(self, server_round: int, content: RecordDict) -> None:
+        check_arrays(record_to_arrays(content["arrays"]), self.shapes)
+
+    def aggregate(self, server_round: int, contents: list[RecordDict]) -> ArrayRecord:
+        states = [record_to_arrays(c["arrays"]) for c in contents]
+        weights = [float(c["metrics"]["num-examples"]) for c in contents]
+        return arrays_to_record(weighted_average(states, weights))
+
+    def evaluate_global(self, arrays: ArrayRecord) -> dict[str, Any]:
+        load_adapter_state(self.model, record_to_arrays(arrays))
+        return self.evaluator.evaluate(self.model)
+
+    def save_final(self, arrays: ArrayRecord) -> dict[str, Any]:
+        load_adapter_state(self.model, record_to_arrays(arrays))
+        adapter_dir = self.run_dir / "adapter"
+        self.model.save_pretrained(adapter_dir)
+        return {"adapter_dir": str(adapter_dir)}
+
+
+def make_strategy(cfg: RunConfig, recorder: RunRecorder, run_dir: Path) -> FedAvgLora:
+    return FedAvgLora(cfg, recorder, run_dir)

@@ -1,0 +1,185 @@
+"""What every Pollinate server half shares, as a Flower strategy: the round loop stays Flower's ``start``.
+
+- messages carry the run config; bytes are counted as serialized, per client, both directions;
+- replies are validated by the method; a rejected reply is logged (metrics.jsonl + report) and the round
+  aggregates the others; a round with fewer valid replies than ``min_clients`` keeps the previous global;
+- after each round (Flower calls ``evaluate_fn``) the global model is evaluated, the round is recorded and
+  checkpointed.
+A method subclasses this and says only what differs: its initial state, what it sends, how it checks and
+aggregates replies, and how its global state becomes a model to evaluate and save.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import abstractmethod
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from pollinate.common.config import RunConfig
+from pollinate.common.report import RunRecorder
+from pollinate.common.wire import record_to_arrays, wire_bytes
+from pollinate.server.checkpoint import save_round
+
+
+class UpdateRejected(ValueError):
+    """A client's reply cannot be used; the message says exactly why."""
+
+
+def check_arrays(arrays: dict[str, np.ndarray], expected: dict[str, tuple[int, ...]],
+                 norm_bound: float | None = None) -> None:
+    """Every expected tensor present with its shape, float32, finite, and (optionally) norm-bounded."""
+    unknown = sorted(set(arrays) - set(expected))
+    if unknown:
+        raise UpdateRejected(f"unknown tensor name '{unknown[0]}'")
+    missing = sorted(set(expected) - set(arrays))
+    if missing:
+        raise UpdateRejected(f"missing tensor '{missing[0]}'")
+    for name, value in arrays.items():
+        if tuple(value.shape) != tuple(expected[name]):
+            raise UpdateRejected(f"tensor '{name}' has shape {tuple(value.shape)}, expected {tuple(expected[name])}")
+        if value.dtype != np.float32:
+            raise UpdateRejected(f"tensor '{name}' has dtype {value.dtype}, expected float32")
+        if not np.isfinite(value).all():
+            raise UpdateRejected(f"tensor '{name}' contains NaN or Inf")
+    if norm_bound is not None:
+        norm = float(np.sqrt(sum(float(np.square(v, dtype=np.float64).sum()) for v in arrays.values())))
+        if norm > norm_bound:
+            raise UpdateRejected(f"update L2 norm {norm:.3g} exceeds the bound {norm_bound:.3g}")
+
+
+def weighted_average(states: list[dict[str, np.ndarray]], weights: list[float]) -> dict[str, np.ndarray]:
+    """FedAvg: Σ_k (n_k / Σn) · state_k per tensor, accumulated in float64 in a fixed order."""
+    total = float(sum(weights))
+    if total <= 0:
+        raise ValueError(f"FedAvg weights must sum to > 0, got {weights}")
+    out = {}
+    for key in states[0]:
+        acc = np.zeros(states[0][key].shape, dtype=np.float64)
+        for state, weight in zip(states, weights, strict=True):
+            acc += (weight / total) * state[key].astype(np.float64)
+        out[key] = acc.astype(np.float32)
+    return out
+
+
+class PollinateStrategy(FedAvg):
+    """Shared mechanics for every method; see the module docstring."""
+
+    def __init__(self, cfg: RunConfig, recorder: RunRecorder, run_dir: Path):
+        n = cfg.federation.clients
+        super().__init__(
+            fraction_train=cfg.federation.fraction_train, fraction_evaluate=0.0,
+            min_train_nodes=max(1, round(n * cfg.federation.fraction_train)), min_available_nodes=n,
+        )
+        self.cfg = cfg
+        self.recorder = recorder
+        self.run_dir = Path(run_dir)
+        self.min_replies = cfg.federation.min_clients or 1
+        self._round_start = time.perf_counter()
+        self._down: dict[int, int] = {}
+        self._clients: list[dict[str, Any]] = []
+        self._train_loss: float | None = None
+
+    # --- what a method says -------------------------------------------------------------------------
+    @abstractmethod
+    def initial_arrays(self) -> ArrayRecord:
+        """The global state before round 1."""
+
+    @abstractmethod
+    def check_reply(self, server_round: int, content: RecordDict) -> None:
+        """Raise UpdateRejected when a reply must not be aggregated."""
+
+    @abstractmethod
+    def aggregate(self, server_round: int, contents: list[RecordDict]) -> ArrayRecord:
+        """New global state from the accepted replies (sorted by client id)."""
+
+    @abstractmethod
+    def evaluate_global(self, arrays: ArrayRecord) -> dict[str, Any]:
+        """``{"eval_loss": .., "eval_metrics": {..}}`` of the global state."""
+
+    @abstractmethod
+    def save_final(self, arrays: ArrayRecord) -> dict[str, Any]:
+        """Write the final model artefacts; returns report fields (e.g. ``adapter_dir``)."""
+
+    def train_content(self, node_id: int, server_round: int, arrays: ArrayRecord,
+                      config: ConfigRecord) -> RecordDict:
+        """What one client receives; methods that send per-client payloads override this."""
+        return RecordDict({"arrays": arrays, "config": config})
+
+    def client_record(self, content: RecordDict) -> dict[str, Any]:
+        """Per-client report fields from its reply metrics (methods may add their own)."""
+        metrics = content["metrics"]
+        keep = ("client_id", "train_seconds", "num-examples", "peak_rss_bytes", "train_loss")
+        record = {key: metrics[key] for key in keep if key in metrics}
+        record["num_examples"] = int(record.pop("num-examples", 0))
+        record["client_id"] = int(record.get("client_id", -1))
+        return record
+
+    # --- Flower hooks ---------------------------------------------------------------------------------
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        self._round_start = time.perf_counter()
+        self._down, self._clients = {}, []
+        sampled = super().configure_train(server_round, arrays, config, grid)
+        config = ConfigRecord({**dict(config), "server-round": server_round, "run-config": self.cfg.to_json()})
+        messages = []
+        for msg in sampled:
+            node_id = msg.metadata.dst_node_id
+            content = self.train_content(node_id, server_round, arrays, config)
+            self._down[node_id] = wire_bytes(content)
+            messages.append(Message(content=content, dst_node_id=node_id, message_type=msg.metadata.message_type))
+        return messages
+
+    def aggregate_train(self, server_round: int,
+                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        accepted: list[tuple[int, RecordDict]] = []
+        for msg in replies:
+            node_id = msg.metadata.src_node_id
+            if msg.has_error():
+                self.recorder.reject(server_round, f"node-{node_id}", f"client failed: {msg.error.reason}")
+                continue
+            record = {"bytes_down": self._down.get(node_id, 0), "bytes_up": wire_bytes(msg.content)}
+            try:
+                if "metrics" not in msg.content.metric_records:
+                    raise UpdateRejected("reply has no 'metrics' MetricRecord")
+                record.update(self.client_record(msg.content))
+                self.check_reply(server_round, msg.content)
+            except (UpdateRejected, KeyError, ValueError, TypeError) as exc:
+                self.recorder.reject(server_round, record.get("client_id", f"node-{node_id}"), str(exc))
+                self._clients.append({**record, "rejected": True})
+                continue
+            self._clients.append(record)
+            self.recorder.client_event(server_round, **record)
+            accepted.append((record["client_id"], msg.content))
+        self._train_loss = None
+        if len(accepted) < self.min_replies:
+            self.recorder.event("round_skipped", round=server_round, accepted=len(accepted), needed=self.min_replies)
+            return None, None
+        accepted.sort(key=lambda item: item[0])
+        contents = [content for _, content in accepted]
+        weights = [float(c["metrics"]["num-examples"]) for c in contents]
+        self._train_loss = float(np.average([float(c["metrics"]["train_loss"]) for c in contents], weights=weights))
+        return self.aggregate(server_round, contents), MetricRecord({"train_loss": self._train_loss})
+
+    def end_round(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        """Flower's ``evaluate_fn``: evaluate, record and checkpoint the round (round 0 = before training)."""
+        evaluation = self.evaluate_global(arrays)
+        if server_round == 0:
+            self.recorder.initial(evaluation)
+            return MetricRecord({"eval_loss": evaluation["eval_loss"]})
+        record = {
+            "round": server_round, "train_loss": self._train_loss, **evaluation,
+            "bytes_up": sum(c["bytes_up"] for c in self._clients),
+            "bytes_down": sum(c["bytes_down"] for c in self._clients),
+            "seconds": round(time.perf_counter() - self._round_start, 3),
+            "clients": sorted(self._clients, key=lambda c: c["client_id"]),
+        }
+        self.recorder.round_done(record)
+        save_round(self.run_dir, server_round, record_to_arrays(arrays), {"round": server_round})
+        return MetricRecord({"eval_loss": evaluation["eval_loss"]})
