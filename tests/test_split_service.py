@@ -49,10 +49,10 @@ def bert_server(request, bert_parts):
     return server.split_service, address, tokens, stub
 
 
-def forward_request(token, session="s", step=1, batch=2, seq=5, hidden=HIDDEN, keep_graph=True, **overrides):
+def forward_request(token, session="s", step=1, batch=2, seq=5, keep_graph=True, **overrides):
     request = split_pb2.ForwardRequest(
         session_id=session, step_id=step, token=token, keep_graph=keep_graph,
-        hidden=encode_tensor(torch.randn(batch, seq, hidden)),
+        hidden=encode_tensor(torch.randn(batch, seq, HIDDEN)),
         attention_mask=encode_tensor(torch.ones(batch, seq, dtype=torch.bool)))
     for key, value in overrides.items():
         getattr(request, key).CopyFrom(value) if key in ("hidden", "attention_mask") else setattr(request, key, value)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import warnings
 
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
@@ -26,5 +27,7 @@ def _run_config(msg: Message) -> RunConfig:
 def train(msg: Message, context: Context) -> Message:
     cfg = _run_config(msg)
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    for category in (DeprecationWarning, FutureWarning):  # library-internal chatter, nothing to act on
+        warnings.filterwarnings("ignore", category=category)
     content = client_half(cfg.method).train(msg, cfg, dict(context.node_config))
     return Message(content=content, reply_to=msg)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -260,7 +261,7 @@ def load_node_public_key(path: str | Path) -> ec.EllipticCurvePublicKey:
     data = _read(path, "node public key")
     try:
         key = serialization.load_ssh_public_key(data.strip())
-    except (ValueError, TypeError) as err:
+    except (ValueError, TypeError, UnsupportedAlgorithm) as err:
         raise ValueError(f"node public key {path} is not an OpenSSH public key: {err}") from err
     if not isinstance(key, ec.EllipticCurvePublicKey):
         raise ValueError(
@@ -275,7 +276,7 @@ def load_node_private_key(path: str | Path) -> ec.EllipticCurvePrivateKey:
     data = _read(path, "node private key")
     try:
         key = serialization.load_ssh_private_key(data, password=None)
-    except (ValueError, TypeError) as err:
+    except (ValueError, TypeError, UnsupportedAlgorithm) as err:
         raise ValueError(
             f"node private key {path} is not an unencrypted OpenSSH private key: {err}"
         ) from err
@@ -311,7 +312,7 @@ def check_cert_paths(paths: CertPaths, *, need_ca_key: bool = False) -> CertPath
             raise ValueError(f"{what} {p} is not a PEM certificate: {err}") from err
     try:
         serialization.load_pem_private_key(_read(paths.server_key, "server private key"), password=None)
-    except (ValueError, TypeError) as err:
+    except (ValueError, TypeError, UnsupportedAlgorithm) as err:
         raise ValueError(
             f"server private key {paths.server_key} is not an unencrypted PEM key: {err}"
         ) from err

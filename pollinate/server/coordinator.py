@@ -366,15 +366,26 @@ class Coordinator:
                     ) from None
 
     def register_nodes(self) -> None:
-        """Register every node public key with the SuperLink (`flwr supernode register`)."""
-        for key in self.spec.node_public_keys:
-            code = self._flwr(f"register-{key.stem}", "supernode", "register", str(key), CONNECTION_NAME)
-            if code != 0:
-                log_path = self.log_dir / f"register-{key.stem}.log"
-                raise CoordinatorError(
-                    f"registering node key {key} failed (exit {code}); see {log_path}:\n"
-                    f"{log_path.read_text(errors='replace')[-2000:]}"
-                )
+        """Register every node public key with the SuperLink (`flwr supernode register`, in parallel)."""
+        flwr = flwr_executable("flwr")
+        pending = {
+            key: self._start(
+                f"register-{key.stem}", [flwr, "supernode", "register", str(key), CONNECTION_NAME]
+            )
+            for key in self.spec.node_public_keys
+        }
+        try:
+            for key, child in pending.items():
+                code = self._wait_child(child, timeout=60.0)
+                if code != 0:
+                    raise CoordinatorError(
+                        f"registering node key {key} failed (exit {code}); "
+                        f"see {child.log_path}:\n{child.tail()}"
+                    )
+        finally:
+            for child in pending.values():
+                self._children.remove(child)
+                child.stop(self.spec.grace_s)
 
     def submit_run(self, app_dir: Path, timeout_s: float | None = None) -> RunOutcome:
         """Submit the run with `flwr run --stream`, wait until it ends and return Flower's final status."""

@@ -499,8 +499,8 @@ def start_split_server(
 
 def _start_sweeper(server: grpc.Server, service: SplitBodyService, interval_s: float) -> None:
     def sweep() -> None:
-        # wait_for_termination returns True once the server stopped: the thread ends with it.
-        while not server.wait_for_termination(timeout=interval_s):
+        # wait_for_termination returns True when it timed out, False once the server stopped.
+        while server.wait_for_termination(timeout=interval_s):
             service.sweep_expired()
 
     threading.Thread(target=sweep, name="split-body-sweeper", daemon=True).start()

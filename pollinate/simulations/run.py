@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,12 @@ LOOPBACK_ENV = {
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",
     "TOKENIZERS_PARALLELISM": "false",
 }
+
+
+def quiet_library_warnings() -> None:
+    """Deprecation chatter from torch/transformers internals says nothing actionable to a Pollinate user."""
+    for category in (DeprecationWarning, FutureWarning):
+        warnings.filterwarnings("ignore", category=category)
 
 
 def default_run_dir(cfg: RunConfig) -> Path:
@@ -61,14 +68,15 @@ def simulate(cfg: RunConfig, run_dir: Path | None = None, quiet: bool = False) -
     def _main(grid: Grid, context: Context) -> None:
         outcome["report"] = run_server(grid, cfg, run_dir, quiet=quiet)
 
-    logging.getLogger("flwr").setLevel(logging.WARNING)
+    logging.getLogger("flwr").setLevel(logging.ERROR)  # Pollinate prints its own per-round progress
+    quiet_library_warnings()
     workers = max(1, int((os.cpu_count() or 2) // cfg.federation.client_cpus))
     run_simulation(
         server_app=server_app, client_app=client_app, num_supernodes=cfg.federation.clients,
         backend_config={
             "client_resources": {"num_cpus": cfg.federation.client_cpus, "num_gpus": 0.0},
             "init_args": {"num_cpus": max(workers, 1) * cfg.federation.client_cpus, "include_dashboard": False,
-                          "logging_level": "error", "log_to_driver": True},
+                          "logging_level": "error", "log_to_driver": False},
         },
     )
     if "report" not in outcome:
