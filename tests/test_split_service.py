@@ -2,17 +2,19 @@
 
 import datetime
 import ipaddress
+import statistics
+import threading
 import time
 
 import grpc
 import pytest
 import torch
+from test_splitmodel import PROMPT, assert_split_matches_unsplit, padded_batch, tiny_bert, tiny_llama
 
 from pollinate.client.split_channel import LocalBody, SplitCallError, SplitChannel
 from pollinate.common.splitmodel import encode_tensor, split_model
 from pollinate.protos import split_pb2, split_pb2_grpc
 from pollinate.server.split_service import SplitBodyService, SplitRejected, TokenRegistry, start_split_server
-from test_splitmodel import PROMPT, assert_split_matches_unsplit, padded_batch, tiny_bert, tiny_llama
 
 HIDDEN = 64
 Code = grpc.StatusCode
@@ -44,8 +46,9 @@ def bert_parts():
 def bert_server(request, bert_parts):
     """One server for the error cases; each test uses its own sessions."""
     server, address, tokens = serve(request, bert_parts[1].body, max_message_bytes=256 * 1024)
+    # The stub may send more than the server accepts, to reach the server's own limit.
     stub = split_pb2_grpc.SplitBodyStub(grpc.insecure_channel(
-        address, options=[("grpc.max_send_message_length", 8 * 1024 * 1024)]))  # may exceed the server's limit
+        address, options=[("grpc.max_send_message_length", 8 * 1024 * 1024)]))
     return server.split_service, address, tokens, stub
 
 
@@ -55,7 +58,7 @@ def forward_request(token, session="s", step=1, batch=2, seq=5, keep_graph=True,
         hidden=encode_tensor(torch.randn(batch, seq, HIDDEN)),
         attention_mask=encode_tensor(torch.ones(batch, seq, dtype=torch.bool)))
     for key, value in overrides.items():
-        getattr(request, key).CopyFrom(value) if key in ("hidden", "attention_mask") else setattr(request, key, value)
+        getattr(request, key).CopyFrom(value)
     return request
 
 
@@ -74,8 +77,10 @@ def expect_code(code, call, *args, match=""):
 def assert_service_still_serves(address, tokens):
     with SplitChannel(address, tokens.issue("healthy", 1, 60), timeout_s=10) as channel:
         hidden = torch.randn(2, 4, HIDDEN, requires_grad=True)
-        channel.body(hidden, torch.ones(2, 4, dtype=torch.long)).sum().backward()
-        assert hidden.grad is not None and hidden.grad.abs().sum() > 0
+        # Weighted sum: a plain sum through the body's final LayerNorm has an exactly zero gradient.
+        out = channel.body(hidden, torch.ones(2, 4, dtype=torch.long))
+        (out * torch.randn(2, 4, HIDDEN)).sum().backward()
+        assert hidden.grad is not None and hidden.grad.abs().sum() > 1e-3
 
 
 # --------------------------------------------------------------------------------------------- exactness
@@ -179,7 +184,7 @@ def test_tensor_bytes_not_matching_shape_is_invalid_argument(bert_server):
     service, address, tokens, stub = bert_server
     request = forward_request(tokens.issue("c", 1, 60), "short-bytes")
     request.hidden.data = request.hidden.data[:-4]
-    expect_code(Code.INVALID_ARGUMENT, stub.Forward, request, match="hidden: 2556 bytes of data, expected 2560")
+    expect_code(Code.INVALID_ARGUMENT, stub.Forward, request, match="2556 bytes of data, expected 2560")
     request = forward_request(tokens.issue("c", 1, 60), "")
     expect_code(Code.INVALID_ARGUMENT, stub.Forward, request, match="session_id")
 
@@ -198,7 +203,8 @@ def test_replayed_or_out_of_order_steps_are_failed_precondition(bert_server):
     service, address, tokens, stub = bert_server
     token = tokens.issue("c", 1, 60)
     stub.Forward(forward_request(token, "replay", step=5), timeout=10)
-    expect_code(Code.FAILED_PRECONDITION, stub.Forward, forward_request(token, "replay", step=5), match="replayed")
+    expect_code(Code.FAILED_PRECONDITION, stub.Forward, forward_request(token, "replay", step=5),
+                match="replayed")
     expect_code(Code.FAILED_PRECONDITION, stub.Forward, forward_request(token, "replay", step=4))
     expect_code(Code.FAILED_PRECONDITION, stub.Backward, backward_request(token, "replay", step=4),
                 match="pending step is 5")
@@ -262,12 +268,13 @@ def test_closed_session_frees_its_graph_and_cannot_be_reopened(bert_server):
     before = service.graph_bytes
     stub.Forward(forward_request(token, "closing"), timeout=10)
     assert service.holds_graph("closing") and service.graph_bytes > before
-    assert stub.CloseSession(split_pb2.CloseSessionRequest(session_id="closing", token=token), timeout=10).existed
+    close = split_pb2.CloseSessionRequest(session_id="closing", token=token)
+    assert stub.CloseSession(close, timeout=10).existed
     assert not service.holds_graph("closing") and service.graph_bytes == before
     expect_code(Code.NOT_FOUND, stub.Backward, backward_request(token, "closing"))
-    expect_code(Code.FAILED_PRECONDITION, stub.Forward, forward_request(token, "closing", step=2), match="closed")
-    again = split_pb2.CloseSessionRequest(session_id="closing", token=token)
-    assert not stub.CloseSession(again, timeout=10).existed
+    expect_code(Code.FAILED_PRECONDITION, stub.Forward, forward_request(token, "closing", step=2),
+                match="closed")
+    assert not stub.CloseSession(close, timeout=10).existed
 
 
 def test_expired_session_is_freed(bert_parts):
@@ -305,17 +312,24 @@ def test_cancelled_forward_keeps_no_state(bert_parts):
     assert service.graph_bytes == 0 and not service.holds_graph("gone")
 
 
-def test_client_deadline_is_enforced(request):
+def test_client_deadline_is_enforced_and_the_abandoned_graph_is_not_kept(request):
+    finished = threading.Event()
+
     class SlowBody(torch.nn.Module):
         def forward(self, hidden, mask):
             time.sleep(1.0)
+            finished.set()
             return hidden * 2
 
-    _, address, tokens = serve(request, SlowBody(), hidden_size=HIDDEN)
-    with SplitChannel(address, tokens.issue("c", 1, 60), timeout_s=0.2) as channel:
-        with pytest.raises(SplitCallError) as info:
-            channel.body(torch.randn(1, 2, HIDDEN), torch.ones(1, 2, dtype=torch.long))
+    server, address, tokens = serve(request, SlowBody(), hidden_size=HIDDEN)
+    channel = SplitChannel(address, tokens.issue("c", 1, 60), timeout_s=0.2)
+    with pytest.raises(SplitCallError) as info:
+        channel.body(torch.randn(1, 2, HIDDEN, requires_grad=True), torch.ones(1, 2, dtype=torch.long))
     assert info.value.code == Code.DEADLINE_EXCEEDED
+    assert finished.wait(timeout=10)
+    time.sleep(0.3)  # the handler stores or drops the graph right after the body returns
+    assert server.split_service.num_sessions == 1
+    assert not server.split_service.holds_graph(channel.session_id) and server.split_service.graph_bytes == 0
 
 
 # --------------------------------------------------------------------------------------------- measured
@@ -336,22 +350,25 @@ def test_minilm_split_step_over_grpc_matches_and_is_timed(request):
 
     def step(body) -> None:
         head_out = parts.head(batch["input_ids"], batch["attention_mask"])
-        out = parts.tail(body(head_out.hidden, head_out.attention_mask), head_out.attention_mask, batch["labels"])
+        body_out = body(head_out.hidden, head_out.attention_mask)
+        out = parts.tail(body_out, head_out.attention_mask, batch["labels"])
         out.loss.backward()
 
-    def timed(body, repeats=5) -> float:
-        step(body)  # warm-up
+    def seconds(body) -> float:
         start = time.perf_counter()
-        for _ in range(repeats):
-            step(body)
-        return (time.perf_counter() - start) / repeats
+        step(body)
+        return time.perf_counter() - start
 
     with SplitChannel(address, tokens.issue("bench", 1, 600), timeout_s=60) as channel:
         assert_split_matches_unsplit(model, parts, batch, body=channel.body, atol=1e-4)
-        local_s, grpc_s = timed(parts.body), timed(channel.body)
+        # Interleaved and medianed: this machine is shared, so load drifts between back-to-back blocks.
+        samples = [(seconds(parts.body), seconds(channel.body)) for _ in range(7)][1:]
+        local_s = statistics.median(t for t, _ in samples)
+        grpc_s = statistics.median(t for _, t in samples)
         per_step_up = channel.bytes_up / channel.steps
-    print(f"\nMiniLM 16x64 split step: in-process {local_s * 1e3:.0f} ms, loopback gRPC {grpc_s * 1e3:.0f} ms, "
-          f"ratio {grpc_s / local_s:.2f}, {per_step_up / 1e6:.2f} MB up per step")
+    print(f"\nMiniLM 16x64 split step: in-process {local_s * 1e3:.0f} ms, "
+          f"loopback gRPC {grpc_s * 1e3:.0f} ms, ratio {grpc_s / local_s:.2f}, "
+          f"{per_step_up / 1e6:.2f} MB up per step")
 
 
 def self_signed_cert() -> tuple[bytes, bytes]:

@@ -150,6 +150,7 @@ def test_tied_lm_head_stays_frozen_untied_lm_head_trains():
     assert untied.tail.lm_head.weight.requires_grad
 
 
+@pytest.mark.slow  # importing peft takes seconds
 def test_lora_on_tail_through_peft_hook_trains_only_adapters_and_prompt():
     from peft import LoraConfig, inject_adapter_in_model
 

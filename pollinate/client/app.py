@@ -23,11 +23,22 @@ def _run_config(msg: Message) -> RunConfig:
     return RunConfig.from_json(str(msg.content["config"]["run-config"]))
 
 
-@app.train()
-def train(msg: Message, context: Context) -> Message:
-    cfg = _run_config(msg)
+def _quiet_libraries() -> None:
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     for category in (DeprecationWarning, FutureWarning):  # library-internal chatter, nothing to act on
         warnings.filterwarnings("ignore", category=category)
-    content = client_half(cfg.method).train(msg, cfg, dict(context.node_config))
-    return Message(content=content, reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    cfg = _run_config(msg)
+    _quiet_libraries()
+    return Message(content=client_half(cfg.method).train(msg, cfg, context), reply_to=msg)
+
+
+@app.train("prepare")
+def prepare(msg: Message, context: Context) -> Message:
+    """Round 0 of methods that need one (e.g. FedPipe: profile + importance scores before planning)."""
+    cfg = _run_config(msg)
+    _quiet_libraries()
+    return Message(content=client_half(cfg.method).prepare(msg, cfg, context), reply_to=msg)

@@ -6,7 +6,7 @@ deltas), so every other method is measured against exactly what the FlowerTune p
 
 from __future__ import annotations
 
-from flwr.app import Message, MetricRecord, RecordDict
+from flwr.app import Context, Message, MetricRecord, RecordDict
 
 from pollinate.client import runtime
 from pollinate.common.adapters import adapter_state, load_adapter_state, peft_lora_config, wrap_with_lora
@@ -28,9 +28,9 @@ def lora_model(cfg: RunConfig, num_labels: int):
     return runtime.cached(("fedavg-lora", info.path, task, num_labels, repr(cfg.lora)), build)
 
 
-def train(msg: Message, cfg: RunConfig, node_config: dict) -> RecordDict:
+def train(msg: Message, cfg: RunConfig, context: Context) -> RecordDict:
     server_round = int(msg.content["config"]["server-round"])
-    data = runtime.local_data(cfg, node_config)
+    data = runtime.local_data(cfg, dict(context.node_config))
     model = lora_model(cfg, data.num_labels)
     load_adapter_state(model, record_to_arrays(msg.content["arrays"]))
     runtime.seed_everything(cfg, server_round, data.client_id)

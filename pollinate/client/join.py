@@ -34,11 +34,23 @@ log = logging.getLogger(__name__)
 NodeConfigValue = str | int | float | bool
 _ADDRESS = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):(\d{1,5})$")
 _CONNECTED = "SuperNode ID:"
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _TLS_MARKERS = ("CERTIFICATE_VERIFY_FAILED", "SSL/TLS handshake error", "certificate verify failed")
 # Flower exit codes that retrying cannot fix (ref-exit-codes): bad key, auth without TLS, bad trusted
 # entities; 2 is argparse's usage error.
 _PERMANENT_EXIT_CODES = {2: "invalid arguments", 302: "invalid node private key",
                          303: "node authentication requires TLS", 304: "invalid trusted entities"}
+
+
+def flower_error(output: str) -> str:
+    """The error Flower printed before exiting ("Exit Code: N" and the lines explaining it), or ""."""
+    lines = [_ANSI.sub("", line).strip() for line in output.splitlines()]
+    for i, line in enumerate(lines):
+        if "Exit Code:" in line:
+            reason = [line[line.index("Exit Code:"):]]
+            reason += [text for text in lines[i + 1 : i + 6] if text and not text.startswith("For more")]
+            return " ".join(reason[:4])
+    return ""
 
 
 class JoinError(RuntimeError):
@@ -233,30 +245,33 @@ class Node:
                 if code is None:  # stop requested
                     return
                 output = self.child.tail(40)
+                reason = flower_error(output) or _ANSI.sub("", self.child.tail(8))
                 if any(marker in output for marker in _TLS_MARKERS):
                     raise JoinError(
                         f"TLS verification of the coordinator at {self.spec.coordinator} failed: its "
                         f"certificate is not signed by the CA in {self.spec.ca_cert}, or does not name "
-                        f"this host. Get the coordinator's ca.crt. (log: {log_path})"
+                        f"this host. Get the coordinator's ca.crt. Flower: {reason} (log: {log_path})"
                     )
                 if code in _PERMANENT_EXIT_CODES:
                     raise JoinError(
-                        f"flower-supernode exited with code {code} ({_PERMANENT_EXIT_CODES[code]}); "
-                        f"log: {log_path}\n{self.child.tail()}"
+                        f"flower-supernode exited with code {code} ({_PERMANENT_EXIT_CODES[code]}): "
+                        f"{reason} (log: {log_path})"
                     )
                 if self.connections > connections_before:
-                    backoff = 1.0  # it was in: the coordinator restarted or dropped it, rejoin promptly
+                    # It was in until just now (a restarted coordinator rejects its old node id):
+                    # rejoin promptly and measure the budget from here.
+                    backoff = 1.0
+                    self._last_connected = time.monotonic()
                 unreachable_for = time.monotonic() - self._last_connected
                 if unreachable_for + backoff > self.spec.retry_budget_s:
                     raise CoordinatorUnreachableError(
                         f"coordinator at {self.spec.coordinator} did not accept this node for "
                         f"{unreachable_for:.0f} s (retry budget {self.spec.retry_budget_s:.0f} s). Is it "
                         f"running, is the address right and is this node's public key registered there? "
-                        f"Last output "
-                        f"(full log: {log_path}):\n{self.child.tail(8)}"
+                        f"Last error: {reason} (log: {log_path})"
                     )
-                log.warning("SuperNode exited with code %s; rejoining %s in %.0f s",
-                            code, self.spec.coordinator, backoff)
+                log.warning("SuperNode exited with code %s (%s); rejoining %s in %.0f s",
+                            code, reason, self.spec.coordinator, backoff)
                 if self._stop.wait(backoff):
                     return
                 backoff = min(backoff * 2, self.spec.max_backoff_s)

@@ -19,7 +19,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
@@ -292,10 +292,15 @@ class Coordinator:
         app_dir = write_app_dir(self.spec)
         home = write_flwr_home(self.spec)
         self._env = child_env({**(self.spec.env or {}), "FLWR_HOME": str(home)})
+        # This internal switch adds a legacy gRPC Fleet server on 0.0.0.0:9092 that 1.42 SuperNodes cannot
+        # use (they speak HTTP only); keep it off so it never binds beside the SuperLink port.
+        self._env.pop("FLWR_INTERNAL_GRPC_FLEET_API", None)
         return app_dir
 
     # -- processes -----------------------------------------------------------------------------------
-    def _start(self, name: str, argv: list[str], *, echo: bool = False, on_line=None) -> ChildProcess:
+    def _start(
+        self, name: str, argv: list[str], *, echo: bool = False, on_line: Callable[[str], None] | None = None
+    ) -> ChildProcess:
         child = ChildProcess(
             name, argv, self._env, self.log_dir / f"{name}.log",
             echo=self.echo if echo else None, on_line=on_line, cwd=self.spec.run_dir,
@@ -306,11 +311,15 @@ class Coordinator:
     def start_superlink(self) -> None:
         """Start the SuperLink and wait until it answers on its port."""
         if self.spec.insecure:
-            log.warning(
-                "INSECURE coordinator: no TLS and no SuperNode authentication on %s:%s. Anyone who can reach "
-                "this port can join, read the model and submit runs. Use only on a trusted local network.",
-                self.spec.host, self.spec.port,
+            warning = (
+                f"WARNING: INSECURE coordinator: no TLS and no SuperNode authentication on {self.spec.host}:"
+                f"{self.spec.port}. Anyone who can reach this port can join, read the model and submit runs. "
+                "Use only on a trusted local network."
             )
+            if self.echo is not None:
+                self.echo.write(warning + "\n")
+            else:
+                log.warning(warning)
         self.superlink = self._start("superlink", superlink_argv(self.spec))
         self._wait_ready()
 
@@ -342,7 +351,10 @@ class Coordinator:
             f"(log: {self.superlink.log_path}):\n{self.superlink.tail()}"
         )
 
-    def _flwr(self, name: str, *args: str, timeout: float = 60.0, echo: bool = False, on_line=None) -> int:
+    def _flwr(
+        self, name: str, *args: str, timeout: float | None = 60.0, echo: bool = False,
+        on_line: Callable[[str], None] | None = None,
+    ) -> int:
         child = self._start(name, [flwr_executable("flwr"), *args], echo=echo, on_line=on_line)
         try:
             return self._wait_child(child, timeout)
@@ -399,6 +411,11 @@ class Coordinator:
             "flwr-run", "run", str(app_dir), CONNECTION_NAME, "--stream",
             timeout=timeout_s, echo=True, on_line=grab_run_id,
         )
+        if self.superlink is not None and (sl_code := self.superlink.poll()) is not None:
+            raise CoordinatorError(
+                f"flower-superlink exited with code {sl_code} during the run "
+                f"(log: {self.superlink.log_path}):\n{self.superlink.tail()}"
+            )
         if not run_ids:
             log_path = self.log_dir / "flwr-run.log"
             raise CoordinatorError(

@@ -315,6 +315,9 @@ class SplitBodyService(split_pb2_grpc.SplitBodyServicer):
                 self._release_pending_locked(session)  # an abandoned step is replaced, not kept
             output, inputs, graph_bytes = self._run_body(hidden, mask.to(torch.long), request.keep_graph)
             with self._lock:
+                if self._sessions.get(request.session_id) is not session:
+                    raise SplitRejected(grpc.StatusCode.NOT_FOUND,
+                                        f"session {request.session_id!r} closed or expired during the call")
                 if not is_active():
                     # The client cancelled or hit its deadline: it will never send this step's Backward.
                     raise SplitRejected(grpc.StatusCode.CANCELLED, "client cancelled the Forward call")
