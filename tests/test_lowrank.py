@@ -225,3 +225,24 @@ def test_delta_convention_matches_peft_merge():
         weight_key = module.removeprefix("base_model.model.") + ".weight"
         added = merged[weight_key].numpy().astype(np.float64) - before[weight_key]
         assert _rel_err(lora_delta(a, b, alpha=12), added) <= 1e-5
+
+
+def test_update_space_fedavg_is_exact_with_mixed_ranks_and_a_current_global():
+    from pollinate.common.lowrank import apply_weighted_updates
+
+    rng = np.random.default_rng(7)
+    out_f, in_f = 24, 16
+
+    def factors(r, alpha):
+        return LoraFactors(a=rng.normal(size=(r, in_f)), b=rng.normal(size=(out_f, r)), alpha=alpha)
+
+    current = factors(4, 4.0)
+    updates = [(10.0, factors(2, 4.0), factors(2, 4.0)), (30.0, factors(8, 16.0), factors(8, 16.0))]
+    expected = current.delta() + sum(
+        (w / 40.0) * (trained.delta() - start.delta()) for w, start, trained in updates)
+    new, dropped = apply_weighted_updates(current, updates, max_rank=64)
+    assert np.allclose(dropped, 0.0, atol=1e-8)
+    assert np.linalg.norm(new.delta() - expected) / np.linalg.norm(expected) <= 1e-5
+    assert new.scaling == 1.0
+    small, dropped_small = apply_weighted_updates(current, updates, max_rank=3)
+    assert np.isclose(np.linalg.norm(small.delta() - expected), np.linalg.norm(dropped_small), rtol=1e-6)

@@ -28,6 +28,16 @@ def cached(key: tuple, build):
     return _CACHE[key]
 
 
+def cached_or_none(key: tuple):
+    return _CACHE.get(key)
+
+
+def drop_cached(prefix: tuple, tag: str | None = None) -> None:
+    """Forget cached objects whose key starts with ``prefix`` (and ends with ``tag`` when given)."""
+    for key in [k for k in _CACHE if k[: len(prefix)] == prefix and (tag is None or k[-1] == tag)]:
+        del _CACHE[key]
+
+
 @dataclass
 class LocalData:
     """One client's encoded training examples."""
@@ -88,6 +98,25 @@ def base_model(cfg: RunConfig, num_labels: int, quantization_config=None, tag: s
     path, task = model_task(cfg)
     key = ("base", path, task, num_labels, repr(quantization_config), tag)
     return cached(key, lambda: load_model(path, task, num_labels, quantization_config))
+
+
+def client_profile(cfg: RunConfig, node_config: dict[str, Any]):
+    """This client's resource profile: the node's ``profile`` TOML in deployment, else the scenario's."""
+    from pollinate.common.profiles import assign_profiles, load_profile
+
+    if node_config.get("profile"):
+        return cached(("profile", str(node_config["profile"])), lambda: load_profile(str(node_config["profile"])))
+    partition_id = int(node_config.get("partition-id", 0))
+    num_partitions = int(node_config.get("num-partitions", cfg.federation.clients))
+    return assign_profiles(cfg.federation.scenario, num_partitions, cfg.federation.seed)[partition_id]
+
+
+def host_tflops() -> float:
+    """This machine's measured matmul throughput, once per process: simulated clients run here, so their
+    compute time is scaled by host / profile throughput."""
+    from pollinate.common.profiles import measure_compute
+
+    return cached(("host-tflops",), measure_compute)
 
 
 def peak_rss_bytes() -> int:

@@ -597,8 +597,9 @@ class ErrorFeedback:
     (measured on a toy quadratic with 2 clients, top-1%: 0.32 relative distance vs 0.79 without EF).
     """
 
-    def __init__(self) -> None:
-        self._residual: dict[str, np.ndarray] = {}
+    def __init__(self, residuals: Mapping[str, np.ndarray] | None = None) -> None:
+        # Restoring residuals lets a client keep them across processes (e.g. in Flower's context.state).
+        self._residual: dict[str, np.ndarray] = {k: np.asarray(v, dtype=np.float32) for k, v in (residuals or {}).items()}
 
     @property
     def residuals(self) -> dict[str, np.ndarray]:

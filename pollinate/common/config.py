@@ -98,6 +98,10 @@ class FederationConfig:
     seed: int = _help("Seed for data generation, partitioning, initialisation and sampling", default=0)
     round_timeout_s: float = _help("Seconds to wait for client replies in a round", default=3600.0)
     client_cpus: float = _help("Simulation: CPU cores reserved per client (Ray)", default=1.0)
+    scenario: str = _help(
+        "Simulation: resource profiles assigned to clients (uniform | tiers | mixed); enforced: a client's "
+        "round time is its compute (scaled to its profile) + bytes / its bandwidth", default="uniform")
+    deadline_s: float = _help("Round deadline a client must meet (compute + communication), seconds", default=120.0)
 
     def __post_init__(self) -> None:
         _require(self.clients >= 1, "federation.clients", self.clients, "an int >= 1")
@@ -107,6 +111,8 @@ class FederationConfig:
                  f"an int in [0, clients={self.clients}]")
         _require(self.round_timeout_s > 0, "federation.round_timeout_s", self.round_timeout_s, "a float > 0")
         _require(self.client_cpus > 0, "federation.client_cpus", self.client_cpus, "a float > 0")
+        _one_of("federation.scenario", self.scenario, ("uniform", "tiers", "mixed"))
+        _require(self.deadline_s > 0, "federation.deadline_s", self.deadline_s, "a float > 0")
 
 
 @dataclass
@@ -147,6 +153,50 @@ class LoraConfig:
                  self.target_modules, "a list of non-empty module names")
 
 
+ENCODING_CHOICES = ("dense-fp32", "dense-fp16", "int8", "nf4", "topk", "lowrank")
+
+
+@dataclass
+class FedPipeConfig:
+    """FedPipe: importance scoring, the per-client plan, compressed exchange and heterogeneous aggregation."""
+
+    candidate_modules: list[str] = _help(
+        "Module name suffixes the planner may adapt; empty = every attention and MLP projection",
+        default_factory=list,
+    )
+    ranks: list[int] = _help("LoRA ranks the planner may give a module", default_factory=lambda: [2, 4, 8, 16])
+    bits: list[int] = _help("Base-weight bits the planner may choose (32 = fp32, 8 = int8, 4 = NF4)",
+                            default_factory=lambda: [32, 8, 4])
+    batch_sizes: list[int] = _help("Batch sizes the planner may choose", default_factory=lambda: [2, 4, 8])
+    score_batches: int = _help("Local batches used for importance scoring (|W * grad W|)", default=2)
+    global_rank: int = _help("Rank the server keeps the global ΔW at per module (higher = exact longer)",
+                             default=32)
+    uplink_encoding: str = _help(f"Client->server delta encoding: {' | '.join(ENCODING_CHOICES)}", default="nf4")
+    downlink_encoding: str = _help("Server->client delta encoding (same choices)", default="nf4")
+    error_feedback: bool = _help("Keep the compression residual on the client and add it next round",
+                                 default=True)
+    topk_fraction: float = _help("Share of entries kept by the topk encoding", default=0.1)
+    block_size: int = _help("Block size of the int8/nf4 encodings", default=64)
+    norm_bound: float = _help("Reject client updates whose L2 norm exceeds this", default=1e4)
+    max_update_bytes: int = _help("Reject client payloads larger than this many bytes", default=64_000_000)
+
+    def __post_init__(self) -> None:
+        _require(bool(self.ranks) and all(r >= 1 for r in self.ranks), "fedpipe.ranks", self.ranks,
+                 "a non-empty list of ints >= 1")
+        _require(bool(self.bits) and set(self.bits) <= {32, 8, 4}, "fedpipe.bits", self.bits,
+                 "a non-empty subset of [32, 8, 4]")
+        _require(bool(self.batch_sizes) and all(b >= 1 for b in self.batch_sizes), "fedpipe.batch_sizes",
+                 self.batch_sizes, "a non-empty list of ints >= 1")
+        _require(self.score_batches >= 1, "fedpipe.score_batches", self.score_batches, "an int >= 1")
+        _require(self.global_rank >= 1, "fedpipe.global_rank", self.global_rank, "an int >= 1")
+        _one_of("fedpipe.uplink_encoding", self.uplink_encoding, ENCODING_CHOICES)
+        _one_of("fedpipe.downlink_encoding", self.downlink_encoding, ENCODING_CHOICES)
+        _require(0 < self.topk_fraction <= 1, "fedpipe.topk_fraction", self.topk_fraction, "a float in (0, 1]")
+        _require(self.block_size >= 8, "fedpipe.block_size", self.block_size, "an int >= 8")
+        _require(self.norm_bound > 0, "fedpipe.norm_bound", self.norm_bound, "a float > 0")
+        _require(self.max_update_bytes > 0, "fedpipe.max_update_bytes", self.max_update_bytes, "an int > 0")
+
+
 @dataclass
 class EvalConfig:
     """Server-side evaluation of the global model after every round."""
@@ -179,6 +229,7 @@ class RunConfig:
     federation: FederationConfig = field(default_factory=FederationConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    fedpipe: FedPipeConfig = field(default_factory=FedPipeConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 

@@ -318,3 +318,35 @@ def lora_state_from_factors(
         state[f"{module}.lora_A{infix}.weight"] = np.asarray(a, dtype=dtype)
         state[f"{module}.lora_B{infix}.weight"] = np.asarray(b, dtype=dtype)
     return state
+
+
+def apply_weighted_updates(
+    current: LoraFactors | None,
+    updates: Sequence[tuple[float, LoraFactors, LoraFactors]],
+    max_rank: int,
+) -> tuple[LoraFactors, np.ndarray]:
+    """Exact update-space FedAvg of one module, kept in factored form.
+
+    ``ΔW_new = ΔW_current + Σ_k q_k (trained_k.delta() − start_k.delta())`` with ``q_k = w_k / Σ w`` over the
+    clients that adapted this module (each ``(w_k, start_k, trained_k)`` may have its own rank and alpha).
+    The sum is stacked exactly (rank ≤ R_current + 2 Σ r_k), then re-projected to ``max_rank`` by SVD of the
+    small core; the dropped singular values are returned, so the truncation error is known (zero whenever the
+    true rank fits). The result has ``alpha == rank`` (scaling 1): ``b @ a`` is ΔW itself.
+    """
+    if not updates:
+        raise ValueError("apply_weighted_updates needs at least one client update")
+    q = normalize_weights([w for w, _, _ in updates])
+    b_parts: list[np.ndarray] = []
+    a_parts: list[np.ndarray] = []
+    if current is not None:
+        b_parts.append(current.scaling * current.b.astype(np.float64))
+        a_parts.append(current.a.astype(np.float64))
+    for q_k, (_, start, trained) in zip(q, updates, strict=True):
+        _check_same_shape([start, trained], what="start/trained pair")
+        b_parts += [q_k * trained.scaling * trained.b.astype(np.float64),
+                    -q_k * start.scaling * start.b.astype(np.float64)]
+        a_parts += [trained.a.astype(np.float64), start.a.astype(np.float64)]
+    b, a = np.concatenate(b_parts, axis=1), np.concatenate(a_parts, axis=0)
+    stacked = LoraFactors(a=a, b=b, alpha=float(a.shape[0]))
+    rank = min(max_rank, a.shape[0], a.shape[1], b.shape[0])
+    return reproject_lora(stacked, rank, alpha=float(rank))

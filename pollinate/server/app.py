@@ -31,11 +31,15 @@ def run_server(grid: Grid, cfg: RunConfig, run_dir: Path, quiet: bool = False) -
     }
     recorder = RunRecorder(run_dir, header, quiet=quiet)
     strategy = server_half(cfg.method).make_strategy(cfg, recorder, run_dir)
-    result = strategy.start(
-        grid=grid, initial_arrays=strategy.initial_arrays(), num_rounds=cfg.federation.rounds,
-        timeout=cfg.federation.round_timeout_s, train_config=ConfigRecord(), evaluate_fn=strategy.end_round,
-    )
-    extra = strategy.save_final(result.arrays if len(result.arrays) else strategy.initial_arrays())
+    try:
+        strategy.prepare(grid)
+        result = strategy.start(
+            grid=grid, initial_arrays=strategy.initial_arrays(), num_rounds=cfg.federation.rounds,
+            timeout=cfg.federation.round_timeout_s, train_config=ConfigRecord(), evaluate_fn=strategy.end_round,
+        )
+        extra = strategy.save_final(result.arrays if len(result.arrays) else strategy.initial_arrays())
+    finally:
+        strategy.close()
     return recorder.write({**extra, "config": cfg.to_dict()}, plots=cfg.output.plots)
 
 

@@ -107,9 +107,16 @@ class PollinateStrategy(FedAvg):
     def save_final(self, arrays: ArrayRecord) -> dict[str, Any]:
         """Write the final model artefacts; returns report fields (e.g. ``adapter_dir``)."""
 
+    def prepare(self, grid: Grid) -> None:
+        """Before round 1 (e.g. FedPipe: collect profiles and importance scores, plan); default nothing."""
+
+    def close(self) -> None:
+        """After the run, also on errors (e.g. stop a service the method started); default nothing."""
+
     def train_content(self, node_id: int, server_round: int, arrays: ArrayRecord,
-                      config: ConfigRecord) -> RecordDict:
-        """What one client receives; methods that send per-client payloads override this."""
+                      config: ConfigRecord) -> RecordDict | None:
+        """What one client receives (``None``: skip this node this round); methods that send per-client
+        payloads override this."""
         return RecordDict({"arrays": arrays, "config": config})
 
     def client_record(self, content: RecordDict) -> dict[str, Any]:
@@ -132,6 +139,8 @@ class PollinateStrategy(FedAvg):
         for msg in sampled:
             node_id = msg.metadata.dst_node_id
             content = self.train_content(node_id, server_round, arrays, config)
+            if content is None:
+                continue
             self._down[node_id] = wire_bytes(content)
             messages.append(Message(content=content, dst_node_id=node_id, message_type=msg.metadata.message_type))
         return messages

@@ -1,0 +1,197 @@
+"""fedpipe, client half (Fang et al. 2024, "Automated Federated Pipeline for PEFT of LLMs").
+
+prepare (round 0): report this client's resource profile and importance scores of every candidate weight
+matrix — mean |W ⊙ ∂L/∂W| over a few local batches (gradient sensitivity, as in AdaLoRA/FedPipe).
+train (each round): build the planned model once (base quantized to the planned bits, kept per process; a
+LoRA adapter with the planned modules and per-module ranks), apply the server's compressed delta to the
+factors this client holds, train, and send back the compressed delta of the trained factors with error
+feedback. Per-client state that must survive rounds (factors held, residuals) lives in ``context.state``,
+because in simulation a process may serve a different virtual client each round.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+
+from pollinate.client import runtime
+from pollinate.common.adapters import adapter_state, load_adapter_state, peft_lora_config
+from pollinate.common.codec import ErrorFeedback, decode_bundle
+from pollinate.common.config import RunConfig
+from pollinate.common.data import ExampleStream
+from pollinate.common.models import resolve_model
+from pollinate.common.wire import bytes_to_record, record_to_arrays, record_to_bytes
+
+# Candidate weight matrices per family when fedpipe.candidate_modules is empty.
+FAMILY_CANDIDATES = {
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "bert": ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"],
+}
+HELD_KEY, RESIDUAL_KEY, VERSION_KEY = "fedpipe.held", "fedpipe.residual", "fedpipe.version"
+
+
+def candidate_names(model: torch.nn.Module, suffixes: list[str]) -> list[str]:
+    """Full names of the linear layers whose name ends with one of ``suffixes`` (peft's matching rule)."""
+    names = []
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and any(name == s or name.endswith("." + s) for s in suffixes):
+            names.append(name)
+    return names
+
+
+def importance_scores(model: torch.nn.Module, batches: ExampleStream, names: list[str],
+                      num_batches: int) -> dict[str, float]:
+    """Mean |W ⊙ ∇W| per candidate matrix over ``num_batches`` batches (weights restored to frozen after)."""
+    modules = dict(model.named_modules())
+    weights = {name: modules[name].weight for name in names}
+    flags = {name: w.requires_grad for name, w in weights.items()}
+    for w in weights.values():
+        w.requires_grad_(True)
+    scores = dict.fromkeys(names, 0.0)
+    model.train()
+    try:
+        for _ in range(num_batches):
+            model.zero_grad(set_to_none=True)
+            model(**batches.next_batch()).loss.backward()
+            for name, w in weights.items():
+                scores[name] += float((w.detach() * w.grad).abs().mean()) / num_batches
+    finally:
+        for name, w in weights.items():
+            w.grad = None
+            w.requires_grad_(flags[name])
+    return scores
+
+
+def _profile_record(cfg: RunConfig, node_config: dict[str, Any]) -> ConfigRecord:
+    profile = runtime.client_profile(cfg, node_config)
+    return ConfigRecord({k: v for k, v in profile.to_dict().items()})
+
+
+def prepare(msg: Message, cfg: RunConfig, context: Context) -> RecordDict:
+    node_config = dict(context.node_config)
+    data = runtime.local_data(cfg, node_config)
+    info = resolve_model(cfg.model.name)
+    base = runtime.base_model(cfg, data.num_labels, tag="fedpipe-score")
+    names = candidate_names(base, cfg.fedpipe.candidate_modules or FAMILY_CANDIDATES[info.family])
+    runtime.seed_everything(cfg, 0, data.client_id)
+    batches = ExampleStream(data.encoded, cfg.train.batch_size, runtime.tokenizer_for(cfg).pad_token_id,
+                            seed=cfg.federation.seed + data.client_id)
+    scores = importance_scores(base, batches, names, cfg.fedpipe.score_batches)
+    runtime.drop_cached(("base",), tag="fedpipe-score")  # scoring is one-off; free the fp32 copy
+    return RecordDict({
+        "scores": MetricRecord(scores),
+        "profile": _profile_record(cfg, node_config),
+        "metrics": MetricRecord({"num-examples": data.num_examples, "client_id": data.client_id}),
+    })
+
+
+def _plan(msg: Message) -> dict[str, Any]:
+    plan = json.loads(str(msg.content["config"]["plan"]))
+    for key in ("ranks", "bits", "batch_size"):
+        if key not in plan:
+            raise ValueError(f"FedPipe plan from the server has no '{key}'")
+    return plan
+
+
+def planned_model(cfg: RunConfig, plan: dict[str, Any], num_labels: int, client_id: int):
+    """The base at the planned bits (one per process and bits) with this client's adapter active on it."""
+    from peft import PeftModel, get_peft_model
+
+    from pollinate.common.quantize import prepare_quantized_model, quantization_config
+
+    info = resolve_model(cfg.model.name)
+    _, task = runtime.model_task(cfg)
+    bits = int(plan["bits"])
+
+    def build_base():
+        base = runtime.base_model(cfg, num_labels, quantization_config(bits), tag=f"fedpipe-{bits}")
+        return prepare_quantized_model(base) if bits < 32 else base
+
+    base = runtime.cached(("fedpipe-base", bits, num_labels), build_base)
+    ranks = {name: int(r) for name, r in plan["ranks"].items()}
+    config = peft_lora_config(
+        cfg.lora, info.family, task, target_modules=sorted(ranks),
+        rank_pattern={re.escape(n): r for n, r in ranks.items()},
+        alpha_pattern={re.escape(n): 2.0 * r for n, r in ranks.items()},
+    )
+    adapter = f"client{client_id}-" + hashlib.sha1(json.dumps(ranks, sort_keys=True).encode()).hexdigest()[:10]
+    key = ("fedpipe-peft", bits, num_labels)
+    model = runtime.cached_or_none(key)
+    if model is None:
+        model = runtime.cached(key, lambda: get_peft_model(base, config, adapter_name=adapter))
+    elif adapter not in model.peft_config:
+        model.add_adapter(adapter, config)
+    assert isinstance(model, PeftModel)
+    model.set_adapter(adapter)
+    return model, adapter
+
+
+def _load_state_arrays(context: Context, key: str) -> dict[str, np.ndarray]:
+    return record_to_arrays(context.state[key]) if key in context.state.array_records else {}
+
+
+def _store_state_arrays(context: Context, key: str, arrays: dict[str, np.ndarray]) -> None:
+    from pollinate.common.wire import arrays_to_record
+
+    context.state[key] = arrays_to_record(arrays)
+
+
+def _held_version(context: Context) -> int:
+    if VERSION_KEY in context.state.config_records:
+        return int(context.state[VERSION_KEY]["version"])
+    return 0
+
+
+def apply_downlink(context: Context, payload: bytes, shapes: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
+    """The server sends new factors as a delta against the version this client holds (0 = full)."""
+    bundle = decode_bundle(payload, expected_shapes=shapes, require_all=True)
+    held = _load_state_arrays(context, HELD_KEY)
+    if bundle.base_version != 0 and bundle.base_version != _held_version(context):
+        raise ValueError(f"server delta is against version {bundle.base_version}, this client holds "
+                         f"{_held_version(context)}")
+    if bundle.base_version == 0:
+        start = {k: v.astype(np.float32) for k, v in bundle.tensors.items()}
+    else:
+        start = {k: (held[k] + bundle.tensors[k]).astype(np.float32) for k in bundle.tensors}
+    _store_state_arrays(context, HELD_KEY, start)
+    context.state[VERSION_KEY] = ConfigRecord({"version": bundle.version})
+    return start
+
+
+def train(msg: Message, cfg: RunConfig, context: Context) -> RecordDict:
+    server_round = int(msg.content["config"]["server-round"])
+    node_config = dict(context.node_config)
+    data = runtime.local_data(cfg, node_config)
+    plan = _plan(msg)
+    model, adapter = planned_model(cfg, plan, data.num_labels, data.client_id)
+    shapes = {k: v.shape for k, v in adapter_state(model, adapter).items()}
+    start = apply_downlink(context, record_to_bytes(msg.content["arrays"]), shapes)
+    load_adapter_state(model, start, adapter)
+
+    runtime.seed_everything(cfg, server_round, data.client_id)
+    batches = ExampleStream(data.encoded, int(plan["batch_size"]), runtime.tokenizer_for(cfg).pad_token_id,
+                            seed=cfg.federation.seed * 7919 + server_round * 31 + data.client_id)
+    stats = runtime.train_steps(model, batches, cfg.train.local_steps, cfg.train.lr, cfg.train.weight_decay,
+                                cfg.train.max_grad_norm)
+    trained = adapter_state(model, adapter)
+    delta = {k: trained[k] - start[k] for k in trained}
+
+    feedback = ErrorFeedback(_load_state_arrays(context, RESIDUAL_KEY) if cfg.fedpipe.error_feedback else {})
+    payload = feedback.encode(delta, cfg.fedpipe.uplink_encoding, base_version=_held_version(context),
+                              round=server_round, topk_fraction=cfg.fedpipe.topk_fraction,
+                              block_size=cfg.fedpipe.block_size)
+    if cfg.fedpipe.error_feedback:
+        _store_state_arrays(context, RESIDUAL_KEY, feedback.residuals)
+    metrics = MetricRecord({
+        "num-examples": data.num_examples, "client_id": data.client_id, "peak_rss_bytes": runtime.peak_rss_bytes(),
+        "bits": int(plan["bits"]), "batch_size": int(plan["batch_size"]),
+        "residual_norm": feedback.residual_norm(), **stats,
+    })
+    return RecordDict({"arrays": bytes_to_record(payload), "metrics": metrics,
+                       "profile": _profile_record(cfg, node_config)})
