@@ -6,6 +6,9 @@ Adding a method: write the two modules, add its config section, add one line her
 
 METHODS: dict[str, str] = {
     "fedavg-lora": "fedavg_lora",
+    "fedpipe": "fedpipe",
+    "sfprompt": "sfprompt",
+    "fedavg-full": "fedavg_full",
 }
 
 

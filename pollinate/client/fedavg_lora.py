@@ -38,8 +38,10 @@ def train(msg: Message, cfg: RunConfig, context: Context) -> RecordDict:
                             seed=cfg.federation.seed * 7919 + server_round * 31 + data.client_id)
     stats = runtime.train_steps(model, batches, cfg.train.local_steps, cfg.train.lr, cfg.train.weight_decay,
                                 cfg.train.max_grad_norm)
+    timing = runtime.profile_reply(cfg, dict(context.node_config), stats["train_seconds"])
     metrics = MetricRecord({
         "num-examples": data.num_examples, "client_id": data.client_id,
-        "peak_rss_bytes": runtime.peak_rss_bytes(), **stats,
+        "peak_rss_bytes": runtime.peak_rss_bytes(), "compute_seconds": timing["compute_seconds"], **stats,
     })
-    return RecordDict({"arrays": arrays_to_record(adapter_state(model)), "metrics": metrics})
+    return RecordDict({"arrays": arrays_to_record(adapter_state(model)), "metrics": metrics,
+                       "profile": timing["profile"]})

@@ -18,21 +18,16 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from pollinate.client import runtime
 from pollinate.common.adapters import adapter_state, load_adapter_state, peft_lora_config
 from pollinate.common.codec import ErrorFeedback, decode_bundle
 from pollinate.common.config import RunConfig
 from pollinate.common.data import ExampleStream
-from pollinate.common.models import resolve_model
+from pollinate.common.models import FAMILY_ALL_LINEAR, resolve_model
 from pollinate.common.wire import bytes_to_record, record_to_arrays, record_to_bytes
 
-# Candidate weight matrices per family when fedpipe.candidate_modules is empty.
-FAMILY_CANDIDATES = {
-    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    "bert": ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"],
-}
 HELD_KEY, RESIDUAL_KEY, VERSION_KEY = "fedpipe.held", "fedpipe.residual", "fedpipe.version"
 
 
@@ -68,17 +63,12 @@ def importance_scores(model: torch.nn.Module, batches: ExampleStream, names: lis
     return scores
 
 
-def _profile_record(cfg: RunConfig, node_config: dict[str, Any]) -> ConfigRecord:
-    profile = runtime.client_profile(cfg, node_config)
-    return ConfigRecord({k: v for k, v in profile.to_dict().items()})
-
-
 def prepare(msg: Message, cfg: RunConfig, context: Context) -> RecordDict:
     node_config = dict(context.node_config)
     data = runtime.local_data(cfg, node_config)
     info = resolve_model(cfg.model.name)
     base = runtime.base_model(cfg, data.num_labels, tag="fedpipe-score")
-    names = candidate_names(base, cfg.fedpipe.candidate_modules or FAMILY_CANDIDATES[info.family])
+    names = candidate_names(base, cfg.fedpipe.candidate_modules or FAMILY_ALL_LINEAR[info.family])
     runtime.seed_everything(cfg, 0, data.client_id)
     batches = ExampleStream(data.encoded, cfg.train.batch_size, runtime.tokenizer_for(cfg).pad_token_id,
                             seed=cfg.federation.seed + data.client_id)
@@ -86,7 +76,7 @@ def prepare(msg: Message, cfg: RunConfig, context: Context) -> RecordDict:
     runtime.drop_cached(("base",), tag="fedpipe-score")  # scoring is one-off; free the fp32 copy
     return RecordDict({
         "scores": MetricRecord(scores),
-        "profile": _profile_record(cfg, node_config),
+        "profile": ConfigRecord(runtime.client_profile(cfg, node_config).to_dict()),
         "metrics": MetricRecord({"num-examples": data.num_examples, "client_id": data.client_id}),
     })
 
@@ -103,15 +93,17 @@ def planned_model(cfg: RunConfig, plan: dict[str, Any], num_labels: int, client_
     """The base at the planned bits (one per process and bits) with this client's adapter active on it."""
     from peft import PeftModel, get_peft_model
 
-    from pollinate.common.quantize import prepare_quantized_model, quantization_config
-
     info = resolve_model(cfg.model.name)
     _, task = runtime.model_task(cfg)
     bits = int(plan["bits"])
 
     def build_base():
-        base = runtime.base_model(cfg, num_labels, quantization_config(bits), tag=f"fedpipe-{bits}")
-        return prepare_quantized_model(base) if bits < 32 else base
+        if bits >= 32:
+            return runtime.base_model(cfg, num_labels, tag="fedpipe-32")
+        from pollinate.common.quantize import prepare_quantized_model, quantization_config
+
+        return prepare_quantized_model(runtime.base_model(cfg, num_labels, quantization_config(bits),
+                                                          tag=f"fedpipe-{bits}"))
 
     base = runtime.cached(("fedpipe-base", bits, num_labels), build_base)
     ranks = {name: int(r) for name, r in plan["ranks"].items()}
@@ -188,10 +180,9 @@ def train(msg: Message, cfg: RunConfig, context: Context) -> RecordDict:
                               block_size=cfg.fedpipe.block_size)
     if cfg.fedpipe.error_feedback:
         _store_state_arrays(context, RESIDUAL_KEY, feedback.residuals)
+    timing = runtime.profile_reply(cfg, node_config, stats["train_seconds"])
     metrics = MetricRecord({
         "num-examples": data.num_examples, "client_id": data.client_id, "peak_rss_bytes": runtime.peak_rss_bytes(),
-        "bits": int(plan["bits"]), "batch_size": int(plan["batch_size"]),
-        "residual_norm": feedback.residual_norm(), **stats,
+        "compute_seconds": timing["compute_seconds"], "residual_norm": feedback.residual_norm(), **stats,
     })
-    return RecordDict({"arrays": bytes_to_record(payload), "metrics": metrics,
-                       "profile": _profile_record(cfg, node_config)})
+    return RecordDict({"arrays": bytes_to_record(payload), "metrics": metrics, "profile": timing["profile"]})

@@ -119,6 +119,17 @@ def host_tflops() -> float:
     return cached(("host-tflops",), measure_compute)
 
 
+def profile_reply(cfg: RunConfig, node_config: dict[str, Any], train_seconds: float) -> dict[str, Any]:
+    """What the server needs to enforce the profile: the profile itself, and this round's compute time as the
+    profiled device would take it. Simulated clients all run on this host, so their measured time is scaled by
+    host / profile throughput; a deployed client (its own ``profile`` file) reports its real time."""
+    from flwr.app import ConfigRecord
+
+    profile = client_profile(cfg, node_config)
+    scale = 1.0 if node_config.get("profile") else host_tflops() / profile.compute_tflops
+    return {"profile": ConfigRecord(profile.to_dict()), "compute_seconds": train_seconds * scale}
+
+
 def peak_rss_bytes() -> int:
     """Peak resident memory of this process so far (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -197,6 +197,67 @@ class FedPipeConfig:
         _require(self.max_update_bytes > 0, "fedpipe.max_update_bytes", self.max_update_bytes, "an int > 0")
 
 
+SPLIT_WIRE_DTYPES = ("fp32", "fp16", "bf16")
+
+
+@dataclass
+class SFPromptConfig:
+    """SFPrompt: split model (client head + tail, server body), soft prompts, EL2N pruning, local-loss epochs."""
+
+    head_layers: int = _help("Transformer blocks in the client's head (after the embeddings)", default=1)
+    tail_layers: int = _help("Transformer blocks in the client's tail (before the output head)", default=1)
+    num_prompt_tokens: int = _help("Learnable soft-prompt tokens prepended after the embeddings", default=8)
+    prompt_init: str = _help("Prompt initialisation: vocab-sample | random", default="vocab-sample")
+    prompt_lr: float = _help("AdamW learning rate of the prompts (the tail uses train.lr)", default=1e-2)
+    keep_fraction: float = _help("γ: share of local examples with the highest EL2N score kept for split steps",
+                                 default=0.5)
+    local_epochs: float = _help("Local-loss passes over all local data per round (head -> tail, no server)",
+                                default=1.0)
+    local_steps: int = _help("Cap on local-loss steps per round (0 = no cap)", default=0)
+    split_epochs: float = _help("Split-training passes over the kept data per round (head -> server body -> tail)",
+                                default=1.0)
+    split_steps: int = _help("Cap on split steps per round (0 = no cap)", default=0)
+    wire_dtype: str = _help(f"Activations and gradients on the split plane: {' | '.join(SPLIT_WIRE_DTYPES)}",
+                            default="fp32")
+    host: str = _help("Interface the server's split service binds", default="127.0.0.1")
+    port: int = _help("Port of the split service (0 = an ephemeral port)", default=0)
+    public_address: str = _help("host:port clients dial (default: host and the bound port)", default="")
+    token_ttl_s: float = _help("Lifetime of a per-round split token (also revoked when its round ends)",
+                               default=1800.0)
+    session_ttl_s: float = _help("An idle split session is dropped with its graph after this many seconds",
+                                 default=300.0)
+    max_sessions: int = _help("Split sessions the service holds at once", default=64)
+    max_message_bytes: int = _help("Largest split-plane message, both directions", default=64 * 1024 * 1024)
+    max_graph_bytes: int = _help("Bound on the activations the service keeps for pending backward passes",
+                                 default=4 * 1024**3)
+    call_timeout_s: float = _help("Deadline of each split-service call from a client", default=60.0)
+
+    def __post_init__(self) -> None:
+        _require(self.head_layers >= 1, "sfprompt.head_layers", self.head_layers, "an int >= 1")
+        _require(self.tail_layers >= 1, "sfprompt.tail_layers", self.tail_layers, "an int >= 1")
+        _require(self.num_prompt_tokens >= 0, "sfprompt.num_prompt_tokens", self.num_prompt_tokens, "an int >= 0")
+        _one_of("sfprompt.prompt_init", self.prompt_init, ("vocab-sample", "random"))
+        _require(self.prompt_lr > 0, "sfprompt.prompt_lr", self.prompt_lr, "a float > 0")
+        _require(0 < self.keep_fraction <= 1, "sfprompt.keep_fraction", self.keep_fraction, "a float in (0, 1]")
+        _require(self.local_epochs >= 0, "sfprompt.local_epochs", self.local_epochs, "a float >= 0")
+        _require(self.local_steps >= 0, "sfprompt.local_steps", self.local_steps, "an int >= 0")
+        _require(self.split_epochs >= 0, "sfprompt.split_epochs", self.split_epochs, "a float >= 0")
+        _require(self.split_steps >= 0, "sfprompt.split_steps", self.split_steps, "an int >= 0")
+        _require(self.local_epochs > 0 or self.split_epochs > 0, "sfprompt.local_epochs", self.local_epochs,
+                 "> 0 when sfprompt.split_epochs is 0 (otherwise nothing trains)")
+        _one_of("sfprompt.wire_dtype", self.wire_dtype, SPLIT_WIRE_DTYPES)
+        _require(bool(self.host), "sfprompt.host", self.host, "an interface address such as 127.0.0.1")
+        _require(0 <= self.port <= 65535, "sfprompt.port", self.port, "an int in [0, 65535]")
+        _require(not self.public_address or ":" in self.public_address, "sfprompt.public_address",
+                 self.public_address, "empty or host:port")
+        _require(self.token_ttl_s > 0, "sfprompt.token_ttl_s", self.token_ttl_s, "a float > 0")
+        _require(self.session_ttl_s > 0, "sfprompt.session_ttl_s", self.session_ttl_s, "a float > 0")
+        _require(self.max_sessions >= 1, "sfprompt.max_sessions", self.max_sessions, "an int >= 1")
+        _require(self.max_message_bytes > 0, "sfprompt.max_message_bytes", self.max_message_bytes, "an int > 0")
+        _require(self.max_graph_bytes > 0, "sfprompt.max_graph_bytes", self.max_graph_bytes, "an int > 0")
+        _require(self.call_timeout_s > 0, "sfprompt.call_timeout_s", self.call_timeout_s, "a float > 0")
+
+
 @dataclass
 class EvalConfig:
     """Server-side evaluation of the global model after every round."""
@@ -230,6 +291,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     fedpipe: FedPipeConfig = field(default_factory=FedPipeConfig)
+    sfprompt: SFPromptConfig = field(default_factory=SFPromptConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 

@@ -25,6 +25,11 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PRESETS = ("smollm2-135m", "minilm", "tiny-llama", "tiny-bert")
 # Family -> default LoRA targets (peft suffix match) and the task a bare model of that family is used for.
 FAMILY_DEFAULT_TARGETS = {"llama": ["q_proj", "v_proj"], "bert": ["query", "value"]}
+# Every attention and MLP projection: the candidates importance-based selection (FedPipe) chooses from.
+FAMILY_ALL_LINEAR = {
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "bert": ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"],
+}
 
 
 class ModelError(ValueError):

@@ -541,10 +541,11 @@ def _normalised_importance(importance: Mapping[str, float], spec: ModelSpec) -> 
     if unknown:
         raise ValueError(f"importance names module(s) {unknown[:3]} not in the model spec "
                          f"(expected names like {spec.modules[0].name!r})")
-    w = np.array([float(importance.get(m.name, 0.0)) for m in spec.modules])
-    bad = [(m.name, v) for m, v in zip(spec.modules, w, strict=True) if not math.isfinite(v) or v < 0]
+    values = [float(importance.get(m.name, 0.0)) for m in spec.modules]
+    bad = [(m.name, v) for m, v in zip(spec.modules, values, strict=True) if not math.isfinite(v) or v < 0]
     if bad:
         raise ValueError(f"importance must be finite and >= 0, got {bad[0][1]!r} for {bad[0][0]!r}")
+    w = np.array(values)
     total = w.sum()
     # No signal at all (e.g. a fresh model): every module counts the same.
     return w / total if total > 0 else np.full(len(w), 1.0 / len(w))
@@ -696,32 +697,30 @@ def plan_clients(profiles: Sequence[ResourceProfile], importance: Mapping[str, f
             f"and {need_t[jt]:.1f} s (bits {combos[jt][0]}, batch {combos[jt][1]})"
         )
 
-    unit_caps = cap_units[np.arange(len(unique)), chosen]
-    picks = knap.backtrack(unit_caps)
+    picks = knap.backtrack(cap_units[np.arange(len(unique)), chosen])
     rank_values = np.array(options.ranks)
+    cheapest = int(np.argmin(knap.params[:, 1])) if options.ranks[0] == 0 else 0
+    # Only zero-importance modules fit: adapt the cheapest one so the client trains something.
+    picks[(rank_values[picks] == 0).all(axis=1), cheapest] = 1
     rows = np.arange(len(spec.modules))
+    n_params = knap.params[rows[None, :], picks].sum(axis=1).tolist()
+    objective = (knap.values[rows[None, :], picks].sum(axis=1) + bonus[chosen]).tolist()
+    ranks_table = rank_values[picks].tolist()  # python ints: building dicts from numpy scalars is 10x slower
     names = spec.module_names()
     unique_plans = []
     for u in range(len(unique)):
-        k = picks[u]
-        if (rank_values[k] == 0).all():
-            # Only zero-importance modules fit: adapt the cheapest one so the client trains something.
-            k = k.copy()
-            k[int(np.argmin(knap.params[:, 1]))] = 1
-        n_params = int(knap.params[rows, k].sum())
-        bits, batch = combos[chosen[u]]
         j = int(chosen[u])
-        profile = profiles[first[u]]
-        nbytes = options.update_bytes_per_param * n_params
+        bits, batch = combos[j]
+        nbytes = options.update_bytes_per_param * n_params[u]
         unique_plans.append(ClientPlan(
             client_id="",
-            ranks={names[m]: int(rank_values[k[m]]) for m in np.flatnonzero(rank_values[k] > 0)},
+            ranks={name: r for name, r in zip(names, ranks_table[u], strict=True) if r},
             batch_size=batch,
             bits=bits,
-            est_memory_bytes=float(fixed_mem[j] + options.adapter_state_bytes_per_param * n_params),
-            est_compute_s=float((flops[j, 0] + flops[j, 1] * n_params) / speed[u, j]),
-            est_comm_s=comm_seconds(nbytes, nbytes, profile),
-            objective=float(knap.values[rows, k].sum() + bonus[j]),
+            est_memory_bytes=float(fixed_mem[j] + options.adapter_state_bytes_per_param * n_params[u]),
+            est_compute_s=float((flops[j, 0] + flops[j, 1] * n_params[u]) / speed[u, j]),
+            est_comm_s=comm_seconds(nbytes, nbytes, profiles[first[u]]),
+            objective=objective[u],
         ))
     return [
         ClientPlan(**{**_shallow_fields(unique_plans[u]), "client_id": str(cid),

@@ -23,6 +23,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from pollinate.common.config import RunConfig
+from pollinate.common.profiles import ResourceProfile, comm_seconds
 from pollinate.common.report import RunRecorder
 from pollinate.common.wire import record_to_arrays, wire_bytes
 from pollinate.server.checkpoint import save_round
@@ -82,6 +83,7 @@ class PollinateStrategy(FedAvg):
         self.run_dir = Path(run_dir)
         self.min_replies = cfg.federation.min_clients or 1
         self._round_start = time.perf_counter()
+        self.global_arrays = ArrayRecord()
         self._down: dict[int, int] = {}
         self._clients: list[dict[str, Any]] = []
         self._train_loss: float | None = None
@@ -128,11 +130,26 @@ class PollinateStrategy(FedAvg):
         record["client_id"] = int(record.get("client_id", -1))
         return record
 
+    def profile_timing(self, content: RecordDict, bytes_up: int, bytes_down: int) -> dict[str, Any]:
+        """Enforce the client's profile: round time = compute (as its device) + bytes / its bandwidth."""
+        if "profile" not in content.config_records or "compute_seconds" not in content["metrics"]:
+            return {}
+        profile = ResourceProfile(**dict(content["profile"]))
+        compute_s = float(content["metrics"]["compute_seconds"])
+        comm_s = comm_seconds(bytes_up, bytes_down, profile)
+        round_s = compute_s + comm_s
+        return {
+            "profile": profile.name, "memory_budget_bytes": int(profile.memory_bytes),
+            "compute_seconds": round(compute_s, 3), "comm_seconds": round(comm_s, 3),
+            "round_seconds": round(round_s, 3), "met_deadline": round_s <= self.cfg.federation.deadline_s,
+        }
+
     # --- Flower hooks ---------------------------------------------------------------------------------
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         self._round_start = time.perf_counter()
         self._down, self._clients = {}, []
+        self.global_arrays = arrays  # the global state this round starts from (aggregate may need it)
         sampled = super().configure_train(server_round, arrays, config, grid)
         config = ConfigRecord({**dict(config), "server-round": server_round, "run-config": self.cfg.to_json()})
         messages = []
@@ -158,6 +175,7 @@ class PollinateStrategy(FedAvg):
                 if "metrics" not in msg.content.metric_records:
                     raise UpdateRejected("reply has no 'metrics' MetricRecord")
                 record.update(self.client_record(msg.content))
+                record.update(self.profile_timing(msg.content, record["bytes_up"], record["bytes_down"]))
                 self.check_reply(server_round, msg.content)
             except (UpdateRejected, KeyError, ValueError, TypeError) as exc:
                 self.recorder.reject(server_round, record.get("client_id", f"node-{node_id}"), str(exc))
@@ -182,8 +200,10 @@ class PollinateStrategy(FedAvg):
         if server_round == 0:
             self.recorder.initial(evaluation)
             return MetricRecord({"eval_loss": evaluation["eval_loss"]})
+        timed = [c for c in self._clients if "met_deadline" in c]
         record = {
             "round": server_round, "train_loss": self._train_loss, **evaluation,
+            "under_training_rate": (sum(not c["met_deadline"] for c in timed) / len(timed)) if timed else None,
             "bytes_up": sum(c["bytes_up"] for c in self._clients),
             "bytes_down": sum(c["bytes_down"] for c in self._clients),
             "seconds": round(time.perf_counter() - self._round_start, 3),

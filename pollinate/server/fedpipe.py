@@ -1,0 +1,308 @@
+"""fedpipe, server half: plan per client, send compressed factor deltas, aggregate heterogeneous ranks exactly.
+
+Round 0 (``prepare``): every client reports its resource profile and importance scores; the server combines
+the scores (weighted by examples) and the planner picks, per client, the modules, LoRA ranks, batch size and
+base bits that fit its memory and the round deadline. A client nothing fits for is left out, with the
+planner's message (its budget and the minimum it needs) in the report.
+
+Each round: the global ΔW of every module is kept in factored form (``b @ a``, rank ≤ ``global_rank``). Client k
+gets, per planned module, the best rank-r_k factorisation of the global ΔW (SVD of the small core) — zero modules
+get a fresh peft-style init — encoded as a delta against the factors it holds (first time: in full). Its reply is
+the compressed delta of its trained factors. Aggregation is FedAvg in update space, exact for any mix of ranks:
+``ΔW ← ΔW + Σ_k q_k s_k (B'_k A'_k − B⁰_k A⁰_k)`` with ``q_k`` the example weights of the clients that adapted
+the module (stacked factors, then re-projected; the truncation error is logged per round).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy.strategy_utils import sample_nodes
+
+from pollinate.common.codec import decode_bundle, encode_bundle
+from pollinate.common.config import ConfigError, RunConfig
+from pollinate.common.lowrank import LoraFactors, apply_weighted_updates, reproject_lora
+from pollinate.common.models import FAMILY_ALL_LINEAR, load_model
+from pollinate.common.profiles import ResourceProfile
+from pollinate.common.report import RunRecorder
+from pollinate.common.wire import arrays_to_record, bytes_to_record, record_to_arrays, record_to_bytes
+from pollinate.server.evaluation import ServerEvaluator
+from pollinate.server.planner import (
+    ClientPlan,
+    PlanInfeasible,
+    PlanOptions,
+    combine_importance,
+    model_spec_from_model,
+    plan_clients,
+)
+from pollinate.server.strategy import PollinateStrategy, UpdateRejected
+
+# Bytes per adapter parameter on the wire, per encoding (what the planner's time model charges).
+WIRE_BYTES_PER_PARAM = {"dense-fp32": 4.0, "dense-fp16": 2.0, "int8": 1.07, "nf4": 0.57, "lowrank": 2.0}
+LORA_ALPHA_PER_RANK = 2.0  # alpha = 2r on every client: the same scaling (2) whatever the planned rank
+
+
+def lora_keys(module: str) -> tuple[str, str]:
+    """peft state-dict keys of a module's factors (``get_peft_model_state_dict`` naming)."""
+    return f"base_model.model.{module}.lora_A.weight", f"base_model.model.{module}.lora_B.weight"
+
+
+def fresh_factors(module: str, rank: int, in_features: int, out_features: int, seed: int) -> LoraFactors:
+    """peft's default LoRA init (A: Kaiming-uniform with a=√5, B: 0), seeded by module so it is reproducible."""
+    gen = torch.Generator().manual_seed(seed ^ (hash_name(module) & 0x7FFFFFFF))
+    a = torch.empty(rank, in_features)
+    torch.nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=gen)
+    return LoraFactors(a=a.numpy(), b=np.zeros((out_features, rank), np.float32), alpha=LORA_ALPHA_PER_RANK * rank)
+
+
+def hash_name(name: str) -> int:
+    import zlib
+
+    return zlib.crc32(name.encode())
+
+
+def factors_for_client(global_factors: LoraFactors | None, module: str, rank: int, shape: tuple[int, int],
+                       seed: int) -> LoraFactors:
+    """Best rank-``rank`` factors of the global ΔW at this client's alpha; rows beyond the ΔW's rank (and a
+    zero ΔW) get a fresh A with B = 0, so every planned component can learn and ΔW is unchanged."""
+    out_features, in_features = shape
+    fresh = fresh_factors(module, rank, in_features, out_features, seed)
+    if global_factors is None:
+        return fresh
+    factors, _ = reproject_lora(global_factors, rank, alpha=LORA_ALPHA_PER_RANK * rank)
+    a, b = factors.a.astype(np.float32), factors.b.astype(np.float32)
+    dead = np.linalg.norm(b, axis=0) == 0
+    a[dead] = fresh.a[dead]
+    return LoraFactors(a=a, b=b, alpha=LORA_ALPHA_PER_RANK * rank)
+
+
+class FedPipe(PollinateStrategy):
+    """FedPipe server half; parameters in ``[fedpipe]``, ``[federation]`` (scenario, deadline) and ``[train]``."""
+
+    def __init__(self, cfg: RunConfig, recorder: RunRecorder, run_dir: Path):
+        super().__init__(cfg, recorder, run_dir)
+        self.evaluator = ServerEvaluator(cfg)
+        if self.evaluator.task.task_type != "generation":
+            raise ConfigError("method 'fedpipe' supports generation (decoder) models; got a classification task")
+        self.model = load_model(self.evaluator.model_path, "generation")
+        self.spec = model_spec_from_model(self.model, cfg.fedpipe.candidate_modules
+                                          or FAMILY_ALL_LINEAR[self.evaluator.family])
+        self.shapes = {m.name: (m.out_features, m.in_features) for m in self.spec.modules}
+        modules = dict(self.model.named_modules())
+        self.base_weights = {name: modules[name].weight.detach().clone() for name in self.shapes}
+        self.plans: dict[int, ClientPlan] = {}
+        self.node_client: dict[int, int] = {}
+        self.held: dict[int, dict[str, np.ndarray]] = {}  # what each client holds (server's exact view)
+        self.held_version: dict[int, int] = {}
+        self.round_starts: dict[int, dict[str, np.ndarray]] = {}
+        self.importance: dict[str, float] = {}
+        self.truncation: float = 0.0
+        self._trained: dict[int, dict[str, np.ndarray]] = {}
+
+    # --- round 0: profiles, importance, plans ---------------------------------------------------------
+    def plan_options(self) -> PlanOptions:
+        fp = self.cfg.fedpipe
+        return PlanOptions(
+            ranks=tuple(sorted({0, *fp.ranks})), bits=tuple(fp.bits), batch_sizes=tuple(fp.batch_sizes),
+            seq_len=self.cfg.model.max_seq_len, local_steps=self.cfg.train.local_steps,
+            deadline_s=self.cfg.federation.deadline_s,
+            update_bytes_per_param=WIRE_BYTES_PER_PARAM.get(fp.uplink_encoding, 4.0),
+        )
+
+    def prepare(self, grid: Grid) -> None:
+        node_ids, _ = sample_nodes(grid, self.min_available_nodes, self.min_available_nodes)
+        config = ConfigRecord({"server-round": 0, "run-config": self.cfg.to_json()})
+        messages = [Message(content=RecordDict({"config": config}), dst_node_id=n, message_type="train.prepare")
+                    for n in node_ids]
+        replies = [r for r in grid.send_and_receive(messages, timeout=self.cfg.federation.round_timeout_s)]
+        scores, weights, profiles, clients = [], [], [], []
+        for reply in replies:
+            if reply.has_error():
+                self.recorder.reject(0, f"node-{reply.metadata.src_node_id}", f"prepare failed: {reply.error.reason}")
+                continue
+            content = reply.content
+            client_id = int(content["metrics"]["client_id"])
+            self.node_client[reply.metadata.src_node_id] = client_id
+            scores.append({k: float(v) for k, v in content["scores"].items() if k in self.shapes})
+            weights.append(float(content["metrics"]["num-examples"]))
+            profiles.append(ResourceProfile(**dict(content["profile"])))
+            clients.append(client_id)
+        if not clients:
+            raise RuntimeError("no client answered FedPipe's round 0 (profiles and importance scores)")
+        self.importance = combine_importance(scores, weights)
+        self.plans = self._plan_each(profiles, clients)
+        self.recorder.event("plans", importance_top=sorted(self.importance, key=self.importance.get)[-5:],
+                            plans={str(c): _plan_summary(p) for c, p in self.plans.items()})
+
+    def _plan_each(self, profiles: list[ResourceProfile], clients: list[int]) -> dict[int, ClientPlan]:
+        """Plan every client; one that fits nothing is reported (planner's message) and left out."""
+        options = self.plan_options()
+        plans: dict[int, ClientPlan] = {}
+        try:
+            for plan in plan_clients(profiles, self.importance, self.spec, options, client_ids=clients):
+                plans[int(plan.client_id)] = plan
+        except PlanInfeasible:
+            for profile, client in zip(profiles, clients, strict=True):
+                try:
+                    plans[client] = plan_clients([profile], self.importance, self.spec, options, [client])[0]
+                except PlanInfeasible as exc:
+                    self.recorder.reject(0, client, f"no feasible plan: {exc}")
+        return plans
+
+    # --- per-round exchange -----------------------------------------------------------------------------
+    def initial_arrays(self) -> ArrayRecord:
+        return ArrayRecord()  # ΔW = 0 everywhere before round 1
+
+    @staticmethod
+    def global_factors(arrays: ArrayRecord) -> dict[str, LoraFactors]:
+        state = record_to_arrays(arrays)
+        modules = {key.rsplit(".", 1)[0] for key in state}
+        return {m: LoraFactors(a=state[f"{m}.a"], b=state[f"{m}.b"], alpha=float(state[f"{m}.a"].shape[0]))
+                for m in modules}
+
+    def train_content(self, node_id: int, server_round: int, arrays: ArrayRecord,
+                      config: ConfigRecord) -> RecordDict | None:
+        client = self.node_client.get(node_id)
+        plan = self.plans.get(client) if client is not None else None
+        if plan is None:
+            return None  # not planned (joined late or fits nothing): left out of training
+        current = self.global_factors(arrays)
+        seed = self.cfg.federation.seed * 1_000_003 + server_round
+        target: dict[str, np.ndarray] = {}
+        for module, rank in plan.ranks.items():
+            factors = factors_for_client(current.get(module), module, rank, self.shapes[module], seed)
+            key_a, key_b = lora_keys(module)
+            target[key_a], target[key_b] = factors.a.astype(np.float32), factors.b.astype(np.float32)
+        payload = self._encode_downlink(client, target)
+        plan_json = json.dumps({"ranks": plan.ranks, "bits": plan.bits, "batch_size": plan.batch_size})
+        config = ConfigRecord({**dict(config), "plan": plan_json})
+        return RecordDict({"arrays": bytes_to_record(payload), "config": config})
+
+    def _encode_downlink(self, client: int, target: dict[str, np.ndarray]) -> bytes:
+        """Delta against what the client holds (in full the first time); the server decodes its own payload so
+        its view of the client's factors is exactly what the client will compute."""
+        fp = self.cfg.fedpipe
+        held, version = self.held.get(client), self.held_version.get(client, 0)
+        as_delta = held is not None and version > 0 and held.keys() == target.keys()
+        tensors = {k: target[k] - held[k] for k in target} if as_delta else target
+        payload = encode_bundle(tensors, fp.downlink_encoding, base_version=version if as_delta else 0,
+                                version=version + 1, topk_fraction=fp.topk_fraction, block_size=fp.block_size)
+        decoded = decode_bundle(payload).tensors
+        start = {k: (held[k] + decoded[k] if as_delta else decoded[k]).astype(np.float32) for k in target}
+        self.held[client], self.held_version[client] = start, version + 1
+        self.round_starts[client] = start
+        return payload
+
+    def check_reply(self, server_round: int, content: RecordDict) -> None:
+        client = int(content["metrics"]["client_id"])
+        start = self.round_starts.get(client)
+        if start is None:
+            raise UpdateRejected(f"client {client} sent an update but was not sent a plan this round")
+        fp = self.cfg.fedpipe
+        bundle = decode_bundle(record_to_bytes(content["arrays"]),
+                               expected_shapes={k: v.shape for k, v in start.items()}, require_all=True,
+                               max_bytes=fp.max_update_bytes, norm_bound=fp.norm_bound)
+        if bundle.base_version != self.held_version.get(client):
+            raise UpdateRejected(f"update is against version {bundle.base_version}, the server sent "
+                                 f"{self.held_version.get(client)}")
+        self._trained[client] = {k: start[k] + bundle.tensors[k] for k in start}
+
+    def aggregate(self, server_round: int, contents: list[RecordDict]) -> ArrayRecord:
+        current = self.global_factors(self.global_arrays)
+        per_module: dict[str, list[tuple[float, LoraFactors, LoraFactors]]] = {}
+        for content in contents:
+            client = int(content["metrics"]["client_id"])
+            weight = float(content["metrics"]["num-examples"])
+            start, trained = self.round_starts[client], self._trained.pop(client)
+            for module, rank in self.plans[client].ranks.items():
+                key_a, key_b = lora_keys(module)
+                alpha = LORA_ALPHA_PER_RANK * rank
+                per_module.setdefault(module, []).append((
+                    weight, LoraFactors(a=start[key_a], b=start[key_b], alpha=alpha),
+                    LoraFactors(a=trained[key_a], b=trained[key_b], alpha=alpha)))
+        state: dict[str, np.ndarray] = {}
+        dropped_sq = 0.0
+        for module in sorted(set(current) | set(per_module)):
+            if module in per_module:
+                new, dropped = apply_weighted_updates(current.get(module), per_module[module],
+                                                      self.cfg.fedpipe.global_rank)
+                dropped_sq += float(np.sum(dropped ** 2))
+            else:
+                new = current[module]
+            state[f"{module}.a"], state[f"{module}.b"] = new.a.astype(np.float32), new.b.astype(np.float32)
+        self.truncation = math.sqrt(dropped_sq)
+        self.recorder.event("aggregate", round=server_round, truncation_error=self.truncation,
+                            modules=len(per_module))
+        return arrays_to_record(state)
+
+    def client_record(self, content: RecordDict) -> dict[str, Any]:
+        record = super().client_record(content)
+        plan = self.plans.get(record["client_id"])
+        if plan is not None:
+            record.update(plan=_plan_summary(plan), est_memory_bytes=int(plan.est_memory_bytes),
+                          est_round_seconds=round(plan.est_compute_s + plan.est_comm_s, 3))
+        return record
+
+    # --- evaluation and the final adapter --------------------------------------------------------------
+    @torch.no_grad()
+    def _merge_into_base(self, arrays: ArrayRecord) -> dict[str, LoraFactors]:
+        """Evaluate by writing W₀ + ΔW into the server's fp32 copy (no adapter layers needed)."""
+        current = self.global_factors(arrays)
+        modules = dict(self.model.named_modules())
+        for name, weight in self.base_weights.items():
+            delta = current[name].delta() if name in current else None
+            new = weight if delta is None else weight + torch.from_numpy(delta.astype(np.float32))
+            modules[name].weight.copy_(new)
+        return current
+
+    def evaluate_global(self, arrays: ArrayRecord) -> dict[str, Any]:
+        self._merge_into_base(arrays)
+        return self.evaluator.evaluate(self.model)
+
+    def save_final(self, arrays: ArrayRecord) -> dict[str, Any]:
+        """The global ΔW as a PEFT LoRA adapter (per-module rank, alpha = rank so scaling is 1)."""
+        from peft import LoraConfig, TaskType, get_peft_model
+
+        current = self.global_factors(arrays)
+        extra = {"plans": {str(c): _plan_summary(p) for c, p in self.plans.items()},
+                 "importance": self.importance, "truncation_error": self.truncation}
+        if not current:
+            return {"adapter_dir": None, "fedpipe": extra}
+        ranks = {m: f.rank for m, f in current.items()}
+        config = LoraConfig(
+            r=max(ranks.values()), lora_alpha=max(ranks.values()), target_modules=sorted(current),
+            rank_pattern={re.escape(m): r for m, r in ranks.items()},
+            alpha_pattern={re.escape(m): float(r) for m, r in ranks.items()},
+            lora_dropout=0.0, task_type=TaskType.CAUSAL_LM,
+        )
+        model = get_peft_model(load_model(self.evaluator.model_path, "generation"), config)
+        from pollinate.common.adapters import load_adapter_state
+
+        state = {}
+        for module, factors in current.items():
+            key_a, key_b = lora_keys(module)
+            state[key_a], state[key_b] = factors.a, factors.b
+        load_adapter_state(model, state)
+        adapter_dir = self.run_dir / "adapter"
+        model.save_pretrained(adapter_dir)
+        return {"adapter_dir": str(adapter_dir), "fedpipe": extra}
+
+
+def _plan_summary(plan: ClientPlan) -> dict[str, Any]:
+    ranks = list(plan.ranks.values())
+    return {"modules": len(ranks), "ranks": dict(sorted({r: ranks.count(r) for r in ranks}.items())),
+            "bits": plan.bits, "batch_size": plan.batch_size,
+            "est_memory_mib": round(plan.est_memory_bytes / 2**20, 1),
+            "est_compute_s": round(plan.est_compute_s, 2), "est_comm_s": round(plan.est_comm_s, 2)}
+
+
+def make_strategy(cfg: RunConfig, recorder: RunRecorder, run_dir: Path) -> FedPipe:
+    return FedPipe(cfg, recorder, run_dir)
