@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from collections.abc import Sequence
 
 from pollinate.common.config import ConfigError, RunConfig, build_config, describe_fields, to_toml
@@ -16,7 +17,7 @@ USER_ERRORS = (ConfigError, DataError, ModelError)
 # Dedicated flags -> config keys (everything else: --set section.key=value).
 FLAG_KEYS = {
     "method": "method", "model": "model.name", "data": "data.source", "clients": "federation.clients",
-    "rounds": "federation.rounds", "seed": "federation.seed", "out": "output.dir",
+    "rounds": "federation.rounds", "seed": "federation.seed", "out": "output.dir", "scenario": "federation.scenario",
 }
 
 
@@ -36,6 +37,8 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--clients", type=int, help="number of clients (federation.clients)")
     parser.add_argument("--rounds", type=int, help="federated rounds (federation.rounds)")
     parser.add_argument("--seed", type=int, help="run seed (federation.seed)")
+    parser.add_argument("--scenario", choices=("uniform", "tiers", "mixed"),
+                        help="resource profiles of simulated clients (federation.scenario)")
     parser.add_argument("--out", help="run directory (output.dir; default runs/<timestamp>)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override any config key (repeatable)")
@@ -60,6 +63,14 @@ def build_parser() -> argparse.ArgumentParser:
                               epilog=_config_reference(), formatter_class=fmt)
     _add_run_options(simulate)
     simulate.add_argument("--quiet", action="store_true", help="no per-round progress lines")
+
+    bench = sub.add_parser("bench", help="run several methods on the same setup, side by side (table + plots)",
+                           epilog=_config_reference(), formatter_class=fmt)
+    _add_run_options(bench)
+    bench.add_argument("--methods", default="fedavg-lora,fedpipe",
+                       help="comma-separated methods; the first is the baseline (default fedavg-lora,fedpipe)")
+    bench.add_argument("--memory-probe", action="store_true",
+                       help="also measure one client's peak training memory per base precision (32/8/4 bits)")
 
     config = sub.add_parser("config", help="inspect configuration")
     config_sub = config.add_subparsers(dest="config_command", required=True)
@@ -87,6 +98,33 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from pollinate.simulations.bench import bench
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if not methods or unknown:
+        raise ConfigError(f"--methods {args.methods!r}: unknown {unknown}; expected some of {sorted(METHODS)}")
+    out_dir = args.out
+    args.out, args.method = None, None
+    cfg = config_from_args(args)  # validates everything once, before any run starts
+    run_args = [*(["--config", args.config] if args.config else []), *sum((["--set", s] for s in args.set), [])]
+    for flag in ("model", "data", "clients", "rounds", "seed", "scenario"):
+        if getattr(args, flag) is not None:
+            run_args += [f"--{flag}", str(getattr(args, flag))]
+    from pathlib import Path
+
+    out = Path(out_dir or f"runs/bench-{time.strftime('%Y%m%d-%H%M%S')}")
+    probe = None
+    if args.memory_probe:
+        probe = {"model": cfg.model.name, "bits": [32, 8, 4], "rank": cfg.lora.r,
+                 "batch_size": cfg.train.batch_size, "seq_len": cfg.model.max_seq_len}
+    print(f"bench: {', '.join(methods)} on {cfg.model.name} / {cfg.data.source} -> {out}", file=sys.stderr)
+    bench(methods, run_args, out, probe)
+    print((out / "bench.md").read_text())
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     print(to_toml(config_from_args(args)), end="")
     return 0
@@ -94,7 +132,7 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handlers = {"simulate": cmd_simulate, "config": cmd_config}
+    handlers = {"simulate": cmd_simulate, "config": cmd_config, "bench": cmd_bench}
     try:
         return handlers[args.command](args)
     except USER_ERRORS as exc:

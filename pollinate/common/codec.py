@@ -86,7 +86,7 @@ class UpdateRejected(ValueError):
     ``"index"``, ``"non-finite"``, ``"norm"``); ``tensor`` names the offending tensor when there is one.
     """
 
-    def __init__(self, message: str, *, reason: str, tensor: str | None = None) -> None:
+    def __init__(self, message: str, *, reason: str = "invalid", tensor: str | None = None) -> None:
         super().__init__(message)
         self.reason = reason
         self.tensor = tensor

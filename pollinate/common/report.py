@@ -85,6 +85,21 @@ class RunRecorder:
                 f"(total {human_bytes(up + down)}) | {record['seconds']:.1f}s | {len(record['clients'])} clients"
             )
 
+    def history(self) -> dict[str, Any]:
+        """What a checkpoint keeps so that a resumed run's report continues this one."""
+        return {"initial_eval": self.initial_eval, "rounds": self.rounds, "rejected": self.rejected,
+                "elapsed_s": round(time.time() - self.started, 3)}
+
+    def restore(self, history: dict[str, Any], from_round: int) -> None:
+        """Continue the report of a resumed run: earlier rounds, rejections and elapsed time count."""
+        self.initial_eval = history["initial_eval"]
+        self.rounds = list(history["rounds"])
+        self.rejected = list(history["rejected"])
+        self.started = time.time() - float(history["elapsed_s"])
+        self.event("resumed", from_round=from_round)
+        if not self.quiet:
+            self.console.print(f"resuming after round {from_round}/{self.header['rounds_planned']}")
+
     def report(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
         totals = {
             "bytes_up": sum(r["bytes_up"] for r in self.rounds),

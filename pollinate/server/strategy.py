@@ -4,7 +4,10 @@
 - replies are validated by the method; a rejected reply is logged (metrics.jsonl + report) and the round
   aggregates the others; a round with fewer valid replies than ``min_clients`` keeps the previous global;
 - after each round (Flower calls ``evaluate_fn``) the global model is evaluated, the round is recorded and
-  checkpointed.
+  checkpointed (with the report history, RNG states and the method's ``extra_state()``, so a run resumes);
+- a node that does not reply within the round timeout is dropped from that round and named in the report.
+A resumed run sets ``round_offset``: Flower counts its rounds from 1, the base hooks add the offset, so the
+method hooks below always see the run's true round number.
 A method subclasses this and says only what differs: its initial state, what it sends, how it checks and
 aggregates replies, and how its global state becomes a model to evaluate and save.
 """
@@ -22,15 +25,12 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
+from pollinate.common.codec import UpdateRejected  # one rejection type for every validation path
 from pollinate.common.config import RunConfig
 from pollinate.common.profiles import ResourceProfile, comm_seconds
 from pollinate.common.report import RunRecorder
 from pollinate.common.wire import record_to_arrays, wire_bytes
-from pollinate.server.checkpoint import save_round
-
-
-class UpdateRejected(ValueError):
-    """A client's reply cannot be used; the message says exactly why."""
+from pollinate.server.checkpoint import round_state, save_round
 
 
 def check_arrays(arrays: dict[str, np.ndarray], expected: dict[str, tuple[int, ...]],
@@ -87,6 +87,8 @@ class PollinateStrategy(FedAvg):
         self._down: dict[int, int] = {}
         self._clients: list[dict[str, Any]] = []
         self._train_loss: float | None = None
+        self.round_offset = 0  # rounds completed before this process started (resume)
+        self._client_of_node: dict[int, int] = {}  # names dropped nodes in the report
 
     # --- what a method says -------------------------------------------------------------------------
     @abstractmethod
@@ -114,6 +116,14 @@ class PollinateStrategy(FedAvg):
 
     def close(self) -> None:
         """After the run, also on errors (e.g. stop a service the method started); default nothing."""
+
+    def extra_state(self) -> dict[str, Any]:
+        """Method state beyond the global arrays that a resumed run needs (e.g. per-client plans); JSON values
+        and numpy arrays, nested in dicts/lists. Saved with every round's checkpoint; default none."""
+        return {}
+
+    def restore_state(self, state: dict[str, Any]) -> None:
+        """Take back what ``extra_state`` returned, on resume (called before ``prepare``); default nothing."""
 
     def train_content(self, node_id: int, server_round: int, arrays: ArrayRecord,
                       config: ConfigRecord) -> RecordDict | None:
@@ -147,6 +157,7 @@ class PollinateStrategy(FedAvg):
     # --- Flower hooks ---------------------------------------------------------------------------------
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
+        server_round += self.round_offset
         self._round_start = time.perf_counter()
         self._down, self._clients = {}, []
         self.global_arrays = arrays  # the global state this round starts from (aggregate may need it)
@@ -164,11 +175,15 @@ class PollinateStrategy(FedAvg):
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        server_round += self.round_offset
         accepted: list[tuple[int, RecordDict]] = []
+        replied: set[int] = set()
         for msg in replies:
             node_id = msg.metadata.src_node_id
+            replied.add(node_id)
             if msg.has_error():
-                self.recorder.reject(server_round, f"node-{node_id}", f"client failed: {msg.error.reason}")
+                self.recorder.reject(server_round, self._client_of_node.get(node_id, f"node-{node_id}"),
+                                     f"client failed (node {node_id}): {msg.error.reason}")
                 continue
             record = {"bytes_down": self._down.get(node_id, 0), "bytes_up": wire_bytes(msg.content)}
             try:
@@ -182,8 +197,13 @@ class PollinateStrategy(FedAvg):
                 self._clients.append({**record, "rejected": True})
                 continue
             self._clients.append(record)
+            self._client_of_node[node_id] = record["client_id"]
             self.recorder.client_event(server_round, **record)
             accepted.append((record["client_id"], msg.content))
+        for node_id in sorted(set(self._down) - replied):
+            self.recorder.reject(server_round, self._client_of_node.get(node_id, f"node-{node_id}"),
+                                 f"dropped: node {node_id} sent no reply within federation.round_timeout_s = "
+                                 f"{self.cfg.federation.round_timeout_s:g} s")
         self._train_loss = None
         if len(accepted) < self.min_replies:
             self.recorder.event("round_skipped", round=server_round, accepted=len(accepted), needed=self.min_replies)
@@ -196,6 +216,9 @@ class PollinateStrategy(FedAvg):
 
     def end_round(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         """Flower's ``evaluate_fn``: evaluate, record and checkpoint the round (round 0 = before training)."""
+        if server_round == 0 and self.round_offset:
+            return None  # resumed: the initial evaluation is in the restored history
+        server_round += self.round_offset
         evaluation = self.evaluate_global(arrays)
         if server_round == 0:
             self.recorder.initial(evaluation)
@@ -210,5 +233,6 @@ class PollinateStrategy(FedAvg):
             "clients": sorted(self._clients, key=lambda c: c["client_id"]),
         }
         self.recorder.round_done(record)
-        save_round(self.run_dir, server_round, record_to_arrays(arrays), {"round": server_round})
+        state, extra_arrays = round_state(server_round, self.cfg, self.recorder.history(), self.extra_state())
+        save_round(self.run_dir, server_round, record_to_arrays(arrays), state, extra_arrays)
         return MetricRecord({"eval_loss": evaluation["eval_loss"]})

@@ -1,0 +1,214 @@
+"""sfprompt, client half (Cao et al. 2024): split federated prompt tuning with data pruning.
+
+The client keeps the head (embeddings, first blocks, soft prompts) and the tail (last blocks and output
+head); the frozen body runs on the server's split service. Per round:
+
+1. load the global prompts + tail the server sent;
+2. EL2N-score every local example with the local head -> tail model and keep the top fraction γ;
+3. local-loss steps on all local data: the head output goes straight into the tail (no server);
+4. split steps on the kept data: head activations up, body output down, gradient up, gradient down;
+5. return the trained prompts + tail state with the split-plane bytes and timings.
+Only prompts and tail train; head and body stay frozen.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import Context, Message, MetricRecord, RecordDict
+
+from pollinate.client import runtime
+from pollinate.client.split_channel import SplitChannel
+from pollinate.common.config import RunConfig
+from pollinate.common.data import ExampleStream, collate
+from pollinate.common.splitmodel import IGNORE_INDEX, SplitParts, split_model
+from pollinate.common.wire import arrays_to_record, record_to_arrays
+
+BodyFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+# --------------------------------------------------------------------------------------------- model state
+def split_parts(cfg: RunConfig, num_labels: int) -> SplitParts:
+    """Head + tail of the base, built once per process; each round only overwrites prompts and tail."""
+    sf = cfg.sfprompt
+    path, task = runtime.model_task(cfg)
+
+    def build() -> SplitParts:
+        base = runtime.base_model(cfg, num_labels, tag="sfprompt")
+        parts = split_model(base, sf.head_layers, sf.tail_layers, sf.num_prompt_tokens, prompt_init=sf.prompt_init)
+        # The client never runs the body (the server does): free its weights, as an edge device would not
+        # hold them.
+        for param in parts.body.parameters():
+            param.data = torch.empty(0)
+        return parts
+
+    key = ("sfprompt", path, task, num_labels, sf.head_layers, sf.tail_layers, sf.num_prompt_tokens)
+    return runtime.cached(key, build)
+
+
+def trainable_state(parts: SplitParts) -> dict[str, np.ndarray]:
+    """Prompts + trainable tail parameters as fp32 numpy, under ``head.*`` / ``tail.*`` names."""
+    return {name: p.detach().to(torch.float32).cpu().numpy().copy() for name, p in parts.trainable_parameters()}
+
+
+def load_trainable_state(parts: SplitParts, state: dict[str, np.ndarray]) -> None:
+    """Overwrite prompts + tail in place; the key sets must match exactly (no silent partial loads)."""
+    params = dict(parts.trainable_parameters())
+    missing, unknown = sorted(set(params) - set(state)), sorted(set(state) - set(params))
+    if missing or unknown:
+        raise ValueError(f"sfprompt state does not match the split model: missing {missing[:3]}, "
+                         f"unknown {unknown[:3]}; check sfprompt.head_layers/tail_layers/num_prompt_tokens")
+    with torch.no_grad():
+        for name, param in params.items():
+            param.copy_(torch.from_numpy(np.asarray(state[name])))
+
+
+# --------------------------------------------------------------------------------------------- EL2N pruning
+def el2n(logits: torch.Tensor, labels: torch.Tensor, num_prompt_tokens: int = 0) -> torch.Tensor:
+    """EL2N score per example: ‖softmax(f(x)) − onehot(y)‖₂ (Paul et al. 2021).
+
+    Classification: ``logits`` (B, C), ``labels`` (B,). Causal LM: ``logits`` (B, P+T, V) including the
+    prompt positions, ``labels`` (B, T) with ``IGNORE_INDEX`` outside the answer; the score is the mean
+    per-token EL2N over the answer tokens (0 for an example without any).
+    """
+    if labels.dim() == 1:
+        probs = logits.float().softmax(-1)
+        target = probs.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+        # ‖p − e_y‖² = Σp² − 2p_y + 1: no (B, C) one-hot needed, which matters for a 49k vocabulary.
+        return (probs.square().sum(-1) - 2 * target + 1).clamp_min(0).sqrt()
+    logits = logits[:, num_prompt_tokens:-1].float()  # position t predicts token t + 1
+    targets = labels[:, 1:]
+    answer = targets != IGNORE_INDEX
+    probs = logits.softmax(-1)
+    target = probs.gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    per_token = (probs.square().sum(-1) - 2 * target + 1).clamp_min(0).sqrt() * answer
+    return per_token.sum(-1) / answer.sum(-1).clamp_min(1)
+
+
+@torch.no_grad()
+def el2n_scores(parts: SplitParts, encoded: list[dict[str, Any]], batch_size: int, pad_id: int) -> np.ndarray:
+    """EL2N of every example under the local model (head output straight into the tail, eval mode)."""
+    parts.head.eval()
+    parts.tail.eval()
+    num_prompt = parts.prompt.num_tokens if parts.prompt is not None else 0
+    scores = []
+    for start in range(0, len(encoded), batch_size):
+        batch = collate(encoded[start: start + batch_size], pad_id)
+        out = parts.head(batch["input_ids"], batch["attention_mask"])
+        logits = parts.tail(out.hidden, out.attention_mask).logits
+        scores.append(el2n(logits, batch["labels"], num_prompt))
+    return torch.cat(scores).numpy()
+
+
+def keep_top(scores: np.ndarray, fraction: float) -> list[int]:
+    """Indices (ascending) of the ``ceil(fraction · n)`` highest scores, at least one; ties keep the earlier."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"keep fraction {fraction}: expected a float in (0, 1]")
+    n = len(scores)
+    k = min(n, max(1, math.ceil(fraction * n - 1e-9)))  # the epsilon keeps 0.5 * 10 at 5, not 6
+    order = np.argsort(-np.asarray(scores), kind="stable")
+    return sorted(int(i) for i in order[:k])
+
+
+# --------------------------------------------------------------------------------------------- training
+class TimedSplitChannel(SplitChannel):
+    """SplitChannel that also adds up the wall time spent waiting on the service (body + network)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.wait_seconds = 0.0
+
+    def _invoke(self, method: str, request: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return super()._invoke(method, request)
+        finally:
+            self.wait_seconds += time.perf_counter() - start
+
+
+def phase_steps(epochs: float, num_examples: int, batch_size: int, cap: int) -> int:
+    """Optimizer steps for ``epochs`` passes over ``num_examples`` (at most ``cap`` when cap > 0)."""
+    steps = math.ceil(epochs * num_examples / batch_size) if epochs > 0 and num_examples else 0
+    return min(steps, cap) if cap > 0 else steps
+
+
+def train_prompts_and_tail(parts: SplitParts, local: ExampleStream, local_steps: int, kept: ExampleStream,
+                           split_steps: int, body: BodyFn, cfg: RunConfig) -> dict[str, float]:
+    """Local-loss steps (head -> tail), then split steps (head -> ``body`` -> tail); one AdamW for both."""
+    prompt_params = list(parts.prompt.parameters()) if parts.prompt is not None else []
+    prompt_ids = {id(p) for p in prompt_params}
+    tail_params = [p for _, p in parts.trainable_parameters() if id(p) not in prompt_ids]
+    groups = [{"params": tail_params, "lr": cfg.train.lr}]
+    if prompt_params:
+        groups.append({"params": prompt_params, "lr": cfg.sfprompt.prompt_lr})
+    optimizer = torch.optim.AdamW(groups, weight_decay=cfg.train.weight_decay)
+    params = prompt_params + tail_params
+    parts.head.train()
+    parts.tail.train()
+
+    def step(batch: dict[str, torch.Tensor], through: BodyFn | None) -> float:
+        head_out = parts.head(batch["input_ids"], batch["attention_mask"])
+        hidden = head_out.hidden if through is None else through(head_out.hidden, head_out.attention_mask)
+        loss = parts.tail(hidden, head_out.attention_mask, batch["labels"]).loss
+        loss.backward()
+        if cfg.train.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return float(loss.detach())
+
+    local_losses = [step(local.next_batch(), None) for _ in range(local_steps)]
+    split_losses = [step(kept.next_batch(), body) for _ in range(split_steps)]
+    losses = local_losses + split_losses
+    return {
+        "train_loss": float(np.mean(losses)),
+        "local_loss": float(np.mean(local_losses)) if local_losses else float("nan"),
+        "split_loss": float(np.mean(split_losses)) if split_losses else float("nan"),
+    }
+
+
+def train(msg: Message, cfg: RunConfig, context: Context) -> RecordDict:
+    sf = cfg.sfprompt
+    server_round = int(msg.content["config"]["server-round"])
+    split = msg.content["split"]
+    data = runtime.local_data(cfg, dict(context.node_config))
+    parts = split_parts(cfg, data.num_labels)
+    load_trainable_state(parts, record_to_arrays(msg.content["arrays"]))
+    runtime.seed_everything(cfg, server_round, data.client_id)
+    pad_id = runtime.tokenizer_for(cfg).pad_token_id
+    batch_size = cfg.train.batch_size
+
+    start = time.perf_counter()
+    scores = el2n_scores(parts, data.encoded, batch_size, pad_id)
+    kept = keep_top(scores, sf.keep_fraction)
+    seed = cfg.federation.seed * 7919 + server_round * 31 + data.client_id
+    local = ExampleStream(data.encoded, batch_size, pad_id, seed=seed)
+    kept_stream = ExampleStream([data.encoded[i] for i in kept], batch_size, pad_id, seed=seed + 1)
+    local_steps = phase_steps(sf.local_epochs, data.num_examples, batch_size, sf.local_steps)
+    split_steps = phase_steps(sf.split_epochs, len(kept), batch_size, sf.split_steps)
+    with TimedSplitChannel(str(split["address"]), str(split["token"]), wire_dtype=str(split["wire-dtype"]),
+                           timeout_s=sf.call_timeout_s, max_message_bytes=sf.max_message_bytes) as channel:
+        stats = train_prompts_and_tail(parts, local, local_steps, kept_stream, split_steps, channel.body, cfg)
+    total_s = time.perf_counter() - start
+    client_s = max(total_s - channel.wait_seconds, 0.0)
+
+    # The profile scales what this device computes; waiting on the server's body is not the device's compute.
+    timing = runtime.profile_reply(cfg, dict(context.node_config), client_s)
+    metrics = MetricRecord({
+        "num-examples": data.num_examples, "client_id": data.client_id,
+        "peak_rss_bytes": runtime.peak_rss_bytes(), "train_seconds": total_s,
+        "compute_seconds": timing["compute_seconds"] + channel.wait_seconds,
+        "client_compute_seconds": client_s, "split_wait_seconds": channel.wait_seconds,
+        "client_compute_share": client_s / total_s if total_s > 0 else 1.0,
+        "kept_examples": len(kept), "local_steps": local_steps, "split_steps": split_steps,
+        "split_bytes_up": channel.bytes_up, "split_bytes_down": channel.bytes_down,
+        "el2n_mean_kept": float(scores[kept].mean()), "el2n_mean_all": float(scores.mean()),
+        **{k: v for k, v in stats.items() if not math.isnan(v)},
+    })
+    return RecordDict({"arrays": arrays_to_record(trainable_state(parts)), "metrics": metrics,
+                       "profile": timing["profile"]})

@@ -1,0 +1,102 @@
+"""Frozen base weights in NF4 or int8, via bitsandbytes through ``transformers.BitsAndBytesConfig``.
+
+One code path on CPU and CUDA; peft has dedicated LoRA layers for bitsandbytes modules, and the adapter's
+keys and shapes do not depend on the base's bits, so clients with different bits aggregate together.
+
+Bits: 32 = fp32 base, 16 = bf16 base (no bitsandbytes), 8 = LLM.int8, 4 = NF4 with double
+quantization and bf16 compute (the fastest of the measured CPU variants, see ``ENVIRONMENT.md``).
+Never merge an adapter into a quantized base on a client; merge on the server into an fp32/bf16 base.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+__all__ = [
+    "ALLOWED_BITS",
+    "is_quantized",
+    "load_quantized",
+    "prepare_quantized_model",
+    "quantization_config",
+    "silence_bitsandbytes",
+]
+
+ALLOWED_BITS = (32, 16, 8, 4)
+
+
+def silence_bitsandbytes() -> None:
+    """Quiet bitsandbytes' per-call logs: the offline "Failed to load CPU gemm_4bit_forward from
+    kernels-community" fallback notice and int8's "inputs will be cast" warning on every matmul.
+
+    The ``gemv_4bit`` autograd UserWarning is deliberately left alone: it is the only visible sign of
+    the AVX512-BF16 repacking bug that :func:`prepare_quantized_model` prevents.
+    """
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
+
+silence_bitsandbytes()
+
+
+def quantization_config(bits: int) -> BitsAndBytesConfig | None:
+    """The ``BitsAndBytesConfig`` for ``bits`` (None for 32/16: no quantization)."""
+    if isinstance(bits, bool) or bits not in ALLOWED_BITS:
+        raise ValueError(f"bits must be one of {ALLOWED_BITS}, got {bits!r}")
+    if bits in (32, 16):
+        return None
+    if bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
+
+
+def is_quantized(model: torch.nn.Module) -> bool:
+    """Whether the model holds bitsandbytes 4-bit or 8-bit linear layers."""
+    import bitsandbytes as bnb
+
+    return any(isinstance(m, bnb.nn.Linear4bit | bnb.nn.Linear8bitLt) for m in model.modules())
+
+
+def prepare_quantized_model(model: torch.nn.Module) -> torch.nn.Module:
+    """Make a bitsandbytes-quantized model safe to LoRA-train; a no-op for unquantized models.
+
+    - Sets ``support_avx512bf16_for_cpu = False`` on every ``Linear4bit``. On CPUs with AVX512-BF16,
+      bitsandbytes 0.50.x repacks 4-bit weights in place during any eval-mode no-grad forward, and
+      from then on no gradient flows back through those layers (LoRA B tensors below them stay at
+      zero). A federated client evaluates between rounds, so it would hit this every round.
+    - Runs peft's ``prepare_model_for_kbit_training`` without gradient checkpointing (it freezes the
+      base and upcasts non-quantized bf16/fp16 parameters to fp32).
+    """
+    if not is_quantized(model):
+        return model
+    import bitsandbytes as bnb
+    from peft import prepare_model_for_kbit_training
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+
+
+def load_quantized(path: str, bits: int, model_cls: Any = AutoModelForCausalLM, **kw: Any) -> torch.nn.Module:
+    """Load a Hugging Face model from ``path`` with its base at ``bits``, ready for LoRA training.
+
+    Extra keyword arguments go to ``model_cls.from_pretrained`` (e.g. ``gguf_file``, ``num_labels``).
+    Quantized models load with fp32 non-quantized parts and ``device_map`` defaulting to the first
+    CUDA device if there is one, else the CPU.
+    """
+    qcfg = quantization_config(bits)
+    if qcfg is None:
+        kw.setdefault("dtype", torch.bfloat16 if bits == 16 else torch.float32)
+        return model_cls.from_pretrained(path, **kw)
+    kw.setdefault("dtype", torch.float32)
+    kw.setdefault("device_map", "cuda:0" if torch.cuda.is_available() else "cpu")
+    model = model_cls.from_pretrained(path, quantization_config=qcfg, **kw)
+    return prepare_quantized_model(model)

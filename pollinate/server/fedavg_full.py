@@ -1,0 +1,72 @@
+"""fedavg-full, server half: FedAvg of every fp32 parameter (federated full fine-tuning).
+
+The comparison method for SFPrompt: the global state is the whole model, every client receives and returns
+all of it, and the new global is the example-weighted mean. The final model is saved with
+``save_pretrained`` (loadable with ``Auto*.from_pretrained``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, RecordDict
+
+from pollinate.common.config import RunConfig
+from pollinate.common.models import load_model
+from pollinate.common.report import RunRecorder
+from pollinate.common.wire import arrays_to_record, record_to_arrays
+from pollinate.server.evaluation import ServerEvaluator
+from pollinate.server.strategy import PollinateStrategy, check_arrays, weighted_average
+
+
+def _parameters(model: torch.nn.Module) -> dict[str, np.ndarray]:
+    # Same key set as the client half (named_parameters: tied weights once); duplicated so neither side
+    # imports the other's code.
+    return {name: p.detach().to(torch.float32).cpu().numpy().copy() for name, p in model.named_parameters()}
+
+
+def _load_parameters(model: torch.nn.Module, state: dict[str, np.ndarray]) -> None:
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, param in params.items():
+            param.copy_(torch.from_numpy(np.asarray(state[name])))
+
+
+class FedAvgFull(PollinateStrategy):
+    """FedAvg over all model parameters; all settings in ``RunConfig`` (``[train]``, ``[federation]``, ...)."""
+
+    def __init__(self, cfg: RunConfig, recorder: RunRecorder, run_dir: Path):
+        super().__init__(cfg, recorder, run_dir)
+        self.evaluator = ServerEvaluator(cfg)
+        torch.manual_seed(cfg.federation.seed)  # a freshly initialised classifier head is a function of the seed
+        self.model = load_model(self.evaluator.model_path, self.evaluator.task.task_type, self.evaluator.num_labels)
+        self.shapes = {name: tuple(p.shape) for name, p in self.model.named_parameters()}
+
+    def initial_arrays(self) -> ArrayRecord:
+        return arrays_to_record(_parameters(self.model))
+
+    def check_reply(self, server_round: int, content: RecordDict) -> None:
+        check_arrays(record_to_arrays(content["arrays"]), self.shapes)
+
+    def aggregate(self, server_round: int, contents: list[RecordDict]) -> ArrayRecord:
+        states = [record_to_arrays(c["arrays"]) for c in contents]
+        weights = [float(c["metrics"]["num-examples"]) for c in contents]
+        return arrays_to_record(weighted_average(states, weights))
+
+    def evaluate_global(self, arrays: ArrayRecord) -> dict[str, Any]:
+        _load_parameters(self.model, record_to_arrays(arrays))
+        return self.evaluator.evaluate(self.model)
+
+    def save_final(self, arrays: ArrayRecord) -> dict[str, Any]:
+        _load_parameters(self.model, record_to_arrays(arrays))
+        model_dir = self.run_dir / "model"
+        self.model.save_pretrained(model_dir)
+        self.evaluator.tokenizer.save_pretrained(model_dir)
+        return {"adapter_dir": None, "model_dir": str(model_dir)}
+
+
+def make_strategy(cfg: RunConfig, recorder: RunRecorder, run_dir: Path) -> FedAvgFull:
+    return FedAvgFull(cfg, recorder, run_dir)

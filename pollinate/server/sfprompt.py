@@ -1,0 +1,220 @@
+"""sfprompt, server half: hosts the frozen body as a gRPC split service and averages prompts + tail.
+
+Per round every sampled client receives, through Flower, the global prompts + tail, the split service's
+address and a token issued for it and this round (revoked when the round's replies are in). Clients return
+their trained prompts + tail; the new global is the example-weighted mean (FedAvg). The global model is the
+base with the global prompts + tail: it is evaluated head -> body -> tail in process, and saved as
+``sfprompt/sfprompt.safetensors`` with the split settings beside it.
+
+Bytes per client are Flower's messages plus the split plane (``split_bytes_up/down``, counted as serialized
+protobuf by the client's channel); both are in ``bytes_up/down`` and shown apart in the report.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from safetensors.numpy import save_file
+from torch import nn
+
+from pollinate.common.config import RunConfig
+from pollinate.common.models import load_model
+from pollinate.common.report import RunRecorder
+from pollinate.common.splitmodel import SplitParts, TailOutput, split_model
+from pollinate.common.wire import arrays_to_record, record_to_arrays, wire_bytes
+from pollinate.server.evaluation import ServerEvaluator
+from pollinate.server.split_service import TokenRegistry, start_split_server
+from pollinate.server.strategy import PollinateStrategy, check_arrays, weighted_average
+
+SPLIT_FIELDS = ("split_bytes_up", "split_bytes_down", "kept_examples", "client_compute_share",
+                "client_compute_seconds", "split_wait_seconds", "local_steps", "split_steps", "local_loss",
+                "split_loss")
+
+
+class PromptedSplitModel(nn.Module):
+    """The global model as ``ServerEvaluator`` expects it: head -> body -> tail with HF-style calls.
+
+    ``forward(input_ids, attention_mask, labels)`` returns ``TailOutput(loss, logits)``; ``generate`` is
+    greedy decoding for causal LMs (what exact match needs), without a KV cache.
+    """
+
+    def __init__(self, parts: SplitParts) -> None:
+        super().__init__()
+        self.head, self.body, self.tail = parts.head, parts.body, parts.tail
+        self.num_prompt_tokens = parts.prompt.num_tokens if parts.prompt is not None else 0
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None) -> TailOutput:
+        out = self.head(input_ids, attention_mask)
+        return self.tail(self.body(out.hidden, out.attention_mask), out.attention_mask, labels)
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
+                 pad_token_id: int, eos_token_id: int | None = None, **_: Any) -> torch.Tensor:
+        """Greedy continuation of left-padded prompts; returns ``[input_ids | new tokens]`` like HF.
+
+        The split model numbers positions 0..P+T-1 whatever the mask says, so each prompt is decoded
+        right-padded (causal attention never looks at the padding after a row's last token).
+        """
+        rows = [ids[mask.bool()] for ids, mask in zip(input_ids, attention_mask, strict=True)]
+        lengths = torch.tensor([len(r) for r in rows])
+        batch = len(rows)
+        buf = torch.full((batch, int(lengths.max()) + max_new_tokens), pad_token_id, dtype=input_ids.dtype)
+        mask = torch.zeros_like(buf)
+        for i, row in enumerate(rows):
+            buf[i, : len(row)], mask[i, : len(row)] = row, 1
+        done = torch.zeros(batch, dtype=torch.bool)
+        new_tokens = []
+        arange = torch.arange(batch)
+        for _ in range(max_new_tokens):
+            width = int(lengths.max())
+            logits = self(buf[:, :width], mask[:, :width]).logits
+            token = logits[arange, self.num_prompt_tokens + lengths - 1].argmax(-1)
+            token = torch.where(done, torch.full_like(token, pad_token_id), token)
+            buf[arange, lengths], mask[arange, lengths] = token, 1
+            lengths = lengths + 1
+            new_tokens.append(token)
+            if eos_token_id is not None:
+                done |= token == eos_token_id
+            if bool(done.all()):
+                break
+        return torch.cat([input_ids, torch.stack(new_tokens, dim=1)], dim=1)
+
+
+class SFPrompt(PollinateStrategy):
+    """SFPrompt (Cao et al. 2024); settings in ``[sfprompt]``, ``[train]`` and ``[federation]``.
+
+    The split service starts in ``prepare`` (before round 1) on ``sfprompt.host:port`` and stops in
+    ``close``.
+    """
+
+    def __init__(self, cfg: RunConfig, recorder: RunRecorder, run_dir: Path):
+        super().__init__(cfg, recorder, run_dir)
+        sf = cfg.sfprompt
+        self.evaluator = ServerEvaluator(cfg)
+        # Fresh classifier head and initial prompts are functions of the seed.
+        torch.manual_seed(cfg.federation.seed)
+        model = load_model(self.evaluator.model_path, self.evaluator.task.task_type, self.evaluator.num_labels)
+        self.parts = split_model(model, sf.head_layers, sf.tail_layers, sf.num_prompt_tokens,
+                                 prompt_init=sf.prompt_init,
+                                 generator=torch.Generator().manual_seed(cfg.federation.seed))
+        self.params = dict(self.parts.trainable_parameters())
+        self.shapes = {name: tuple(p.shape) for name, p in self.params.items()}
+        self.model = PromptedSplitModel(self.parts)
+        self.tokens = TokenRegistry()
+        self.server: grpc.Server | None = None
+        self.address = ""
+        self._reply_nodes: dict[int, int] = {}
+
+    def initial_arrays(self) -> ArrayRecord:
+        return arrays_to_record({name: p.detach().float().numpy().copy() for name, p in self.params.items()})
+
+    # --- the split service ------------------------------------------------------------------------------
+    def prepare(self, grid: Grid) -> None:
+        sf = self.cfg.sfprompt
+        self.server, port = start_split_server(
+            self.parts.body, tokens=self.tokens, host=sf.host, port=sf.port,
+            max_message_bytes=sf.max_message_bytes, session_ttl_s=sf.session_ttl_s,
+            max_sessions=sf.max_sessions, max_graph_bytes=sf.max_graph_bytes,
+            hidden_size=self.parts.architecture.hidden_size,
+        )
+        self.address = sf.public_address or f"{sf.host}:{port}"
+        self.recorder.event("split_service", address=self.address, wire_dtype=sf.wire_dtype)
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.stop(grace=1.0).wait()
+            self.server = None
+
+    def train_content(self, node_id: int, server_round: int, arrays: ArrayRecord,
+                      config: ConfigRecord) -> RecordDict | None:
+        if self.server is None:
+            raise RuntimeError("the split service is not running: call prepare(grid) before round 1")
+        token = self.tokens.issue(f"node-{node_id}", server_round, ttl_s=self.cfg.sfprompt.token_ttl_s)
+        split = ConfigRecord({"address": self.address, "token": token, "wire-dtype": self.cfg.sfprompt.wire_dtype})
+        return RecordDict({"arrays": arrays, "config": config, "split": split})
+
+    def aggregate_train(self, server_round: int,
+                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        self.tokens.revoke_round(server_round)  # replies are in: this round's tokens are done
+        # client_record sees only the content; remember whose it is to find the Flower bytes sent down.
+        self._reply_nodes = {id(m.content): m.metadata.src_node_id for m in replies if not m.has_error()}
+        return super().aggregate_train(server_round, replies)
+
+    # --- replies ------------------------------------------------------------------------------------------
+    def client_record(self, content: RecordDict) -> dict[str, Any]:
+        """Adds the split-plane bytes to Flower's, keeping both apart, plus pruning and compute-share fields."""
+        record = super().client_record(content)
+        metrics = content["metrics"]
+        extra = {key: metrics[key] for key in SPLIT_FIELDS if key in metrics}
+        split_up, split_down = int(metrics["split_bytes_up"]), int(metrics["split_bytes_down"])
+        flower_up, flower_down = self._flower_bytes(content)
+        return {**record, **extra, "split_bytes_up": split_up, "split_bytes_down": split_down,
+                "kept_examples": int(metrics["kept_examples"]),
+                "flower_bytes_up": flower_up, "flower_bytes_down": flower_down,
+                "bytes_up": flower_up + split_up, "bytes_down": flower_down + split_down}
+
+    def _flower_bytes(self, content: RecordDict) -> tuple[int, int]:
+        """(up, down) bytes of this client's Flower messages, counted as the base strategy counts them."""
+        return wire_bytes(content), self._down.get(self._reply_nodes.get(id(content), -1), 0)
+
+    def check_reply(self, server_round: int, content: RecordDict) -> None:
+        check_arrays(record_to_arrays(content["arrays"]), self.shapes)
+
+    def aggregate(self, server_round: int, contents: list[RecordDict]) -> ArrayRecord:
+        states = [record_to_arrays(c["arrays"]) for c in contents]
+        weights = [float(c["metrics"]["num-examples"]) for c in contents]
+        return arrays_to_record(weighted_average(states, weights))
+
+    # --- the global model ---------------------------------------------------------------------------------
+    def _load(self, arrays: ArrayRecord) -> None:
+        state = record_to_arrays(arrays)
+        with torch.no_grad():
+            for name, param in self.params.items():
+                param.copy_(torch.from_numpy(np.asarray(state[name])))
+
+    def evaluate_global(self, arrays: ArrayRecord) -> dict[str, Any]:
+        self._load(arrays)
+        return self.evaluator.evaluate(self.model)
+
+    def end_round(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        """The base round record plus round totals of the split plane."""
+        if server_round == 0:
+            return super().end_round(server_round, arrays)
+        accepted = [c for c in self._clients if not c.get("rejected")]
+        totals = {key: sum(int(c.get(key, 0)) for c in self._clients)
+                  for key in ("split_bytes_up", "split_bytes_down", "kept_examples")}
+        shares = [c["client_compute_share"] for c in accepted if "client_compute_share" in c]
+        totals["client_compute_share"] = float(np.mean(shares)) if shares else None
+        # Workaround until strategy.py has a hook for method round fields: extend the record on its way in.
+        round_done = self.recorder.round_done
+        self.recorder.round_done = lambda record: round_done({**record, **totals})
+        try:
+            return super().end_round(server_round, arrays)
+        finally:
+            del self.recorder.round_done
+
+    def save_final(self, arrays: ArrayRecord) -> dict[str, Any]:
+        self._load(arrays)
+        out = self.run_dir / "sfprompt"
+        out.mkdir(parents=True, exist_ok=True)
+        save_file(record_to_arrays(arrays), str(out / "sfprompt.safetensors"))
+        sf = self.cfg.sfprompt
+        settings = {"model_path": self.evaluator.model_path, "task_type": self.evaluator.task.task_type,
+                    "num_labels": self.evaluator.num_labels, "head_layers": sf.head_layers,
+                    "tail_layers": sf.tail_layers, "num_prompt_tokens": sf.num_prompt_tokens}
+        (out / "split_config.json").write_text(json.dumps(settings, indent=2))
+        return {"adapter_dir": str(out)}
+
+
+def make_strategy(cfg: RunConfig, recorder: RunRecorder, run_dir: Path) -> SFPrompt:
+    return SFPrompt(cfg, recorder, run_dir)

@@ -1,0 +1,68 @@
+"""Peak memory of one client's LoRA training at a given base precision, in a fresh process.
+
+``python -m pollinate.simulations.memory_probe --model smollm2-135m --bits 4`` prints one JSON line:
+the process RSS after imports, the peak RSS during loading + ``--steps`` training steps, and their difference
+(``peak_mib``: what the model, adapter, optimizer state and activations cost on top of the runtime).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import time
+
+import torch
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--bits", type=int, default=32, choices=(32, 8, 4))
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=2)
+    args = parser.parse_args()
+
+    from pollinate.common.adapters import peft_lora_config, wrap_with_lora
+    from pollinate.common.config import LoraConfig
+    from pollinate.common.models import FAMILY_ALL_LINEAR, load_model, resolve_model
+
+    info = resolve_model(args.model)
+    import peft  # noqa: F401  (import cost belongs to the runtime, not the model)
+
+    baseline = _rss_mib()
+    start = time.perf_counter()
+    qcfg = None
+    if args.bits < 32:
+        from pollinate.common.quantize import prepare_quantized_model, quantization_config
+
+        qcfg = quantization_config(args.bits)
+    model = load_model(info.path, "generation", quantization_config=qcfg)
+    if args.bits < 32:
+        model = prepare_quantized_model(model)
+    lora = LoraConfig(r=args.rank, alpha=2.0 * args.rank, dropout=0.0, target_modules=FAMILY_ALL_LINEAR[info.family])
+    model = wrap_with_lora(model, peft_lora_config(lora, info.family, "generation"))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    ids = torch.randint(0, model.config.vocab_size, (args.batch_size, args.seq_len))
+    for _ in range(args.steps):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"bits": args.bits, "baseline_mib": round(baseline, 1), "peak_rss_mib": round(peak, 1),
+                      "peak_mib": round(peak - baseline, 1), "seconds": round(time.perf_counter() - start, 2)}))
+
+
+if __name__ == "__main__":
+    main()
