@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from pollinate.common.config import ConfigError, RunConfig, build_config, describe_fields, to_toml
 from pollinate.common.data import DataError
@@ -63,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
                               epilog=_config_reference(), formatter_class=fmt)
     _add_run_options(simulate)
     simulate.add_argument("--quiet", action="store_true", help="no per-round progress lines")
+    simulate.add_argument("--resume", metavar="RUN_DIR",
+                          help="continue RUN_DIR after its last complete round (config: its config.toml unless "
+                               "--config/flags are given, which must then match the checkpoint's)")
 
     bench = sub.add_parser("bench", help="run several methods on the same setup, side by side (table + plots)",
                            epilog=_config_reference(), formatter_class=fmt)
@@ -77,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     show = config_sub.add_parser("show", help="print the effective config as TOML", epilog=_config_reference(),
                                  formatter_class=fmt)
     _add_run_options(show)
+    _add_deploy_parsers(sub, fmt)
     return parser
 
 
@@ -85,12 +91,12 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
     from pollinate.simulations.run import default_run_dir, simulate
 
-    cfg = config_from_args(args)
-    run_dir = default_run_dir(cfg)
+    cfg, resume_dir = config_and_resume(args)
+    run_dir = resume_dir or default_run_dir(cfg)
     console = Console(stderr=True)
     console.print(f"pollinate simulate: {cfg.method} on {cfg.model.name}, task {cfg.data.source}, "
                   f"{cfg.federation.clients} clients x {cfg.federation.rounds} rounds -> {run_dir}")
-    report = simulate(cfg, run_dir, quiet=args.quiet)
+    report = simulate(cfg, run_dir, quiet=args.quiet, resume=resume_dir is not None)
     from pollinate.common.report import summary_table
 
     console.print(summary_table(report))
@@ -125,6 +131,29 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def config_and_resume(args: argparse.Namespace) -> tuple[RunConfig, Path | None]:
+    """The run config, and with ``--resume RUN_DIR`` that directory, checked against its checkpoint.
+
+    On resume the config is RUN_DIR/config.toml unless ``--config`` is given; flags and ``--set`` apply on top;
+    output.dir becomes RUN_DIR. A config that differs from the checkpoint's raises ``ResumeError`` (naming
+    the field) before anything is written.
+    """
+    if not getattr(args, "resume", None):
+        return config_from_args(args), None
+    from pollinate.server.checkpoint import find_resume_point, saved_config
+
+    run_dir = Path(args.resume).expanduser().resolve()
+    if args.out and Path(args.out).expanduser().resolve() != run_dir:
+        raise ConfigError(f"--out {args.out} contradicts --resume {args.resume}: a resumed run writes into its "
+                          "own directory")
+    toml_path = args.config or saved_config(run_dir)
+    overrides = [f"{key}={_toml_value(getattr(args, flag))}" for flag, key in FLAG_KEYS.items()
+                 if flag != "out" and getattr(args, flag, None) is not None]
+    cfg = build_config(toml_path, [*overrides, *args.set, f"output.dir={_toml_value(str(run_dir))}"])
+    find_resume_point(run_dir, cfg)
+    return cfg, run_dir
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     print(to_toml(config_from_args(args)), end="")
     return 0
@@ -132,13 +161,176 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handlers = {"simulate": cmd_simulate, "config": cmd_config, "bench": cmd_bench}
+    handlers = {"simulate": cmd_simulate, "config": cmd_config, "bench": cmd_bench,
+                "coordinator": cmd_coordinator, "join": cmd_join, "keys": cmd_keys}
     try:
         return handlers[args.command](args)
     except USER_ERRORS as exc:
         print(f"pollinate: error: {exc}", file=sys.stderr)
         return 2
 
+
+
+# --- deployment: coordinator, join, keys ----------------------------------------------------------------------
+def _add_deploy_parsers(sub: argparse._SubParsersAction, fmt: type[argparse.HelpFormatter]) -> None:
+    from pollinate.server.coordinator import DEFAULT_PORT
+
+    coordinator = sub.add_parser(
+        "coordinator", formatter_class=fmt, epilog=_config_reference(),
+        help="run a federated job for clients on other machines (Flower SuperLink; TLS + node auth)")
+    _add_run_options(coordinator)
+    coordinator.add_argument("--host", default="0.0.0.0",
+                             help="interface to listen on (default 0.0.0.0: all; 127.0.0.1 for local tests)")
+    coordinator.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
+    coordinator.add_argument("--certs", metavar="DIR", help="directory made by `pollinate keys init` (TLS)")
+    coordinator.add_argument("--node-key", action="append", default=[], metavar="PUB",
+                             help="public key of a client allowed to join (`pollinate keys node`); repeatable")
+    coordinator.add_argument("--insecure", action="store_true",
+                             help="no TLS, no client authentication: trusted local networks only")
+    coordinator.add_argument("--public-address", metavar="HOST:PORT",
+                             help="address clients dial, shown in the join command (default: this host)")
+    coordinator.add_argument("--resume", metavar="RUN_DIR",
+                             help="continue RUN_DIR after its last complete round (see `simulate --resume`)")
+
+    join = sub.add_parser("join", help="join a coordinator as a client, training on local data (Flower SuperNode)")
+    join.add_argument("--coordinator", required=True, metavar="HOST:PORT", help="address the coordinator printed")
+    join.add_argument("--data", required=True, metavar="PATH",
+                      help="this client's data: a .jsonl/.csv file or saved dataset dir (all of it is used)")
+    join.add_argument("--profile", metavar="TOML", help="edge resource profile (memory, compute, bandwidth)")
+    join.add_argument("--certs", metavar="DIR_OR_FILE",
+                      help="the coordinator's ca.crt, or a directory holding it")
+    join.add_argument("--key", metavar="KEYFILE", help="this node's private key (`pollinate keys node`)")
+    join.add_argument("--insecure", action="store_true", help="plain HTTP, only against an --insecure coordinator")
+    join.add_argument("--partition-id", type=int, metavar="N",
+                      help="this client's id in [0, federation.clients) (the coordinator prints one per key)")
+    join.add_argument("--work-dir", metavar="DIR", help="logs and Flower state (default ./pollinate-node-<id>)")
+    join.add_argument("--retry-budget", type=float, default=300.0, metavar="SECONDS",
+                      help="give up when the coordinator has not accepted this node for this long (default 300)")
+
+    keys = sub.add_parser("keys", help="create TLS certificates and client keys for deployment")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    init = keys_sub.add_parser("init", help="a private CA and the coordinator's server certificate")
+    init.add_argument("dir", help="output directory (ca.crt, ca.key, server.crt, server.key)")
+    init.add_argument("--host", action="append", required=True, metavar="NAME",
+                      help="DNS name or IP clients use to reach the coordinator; repeatable")
+    init.add_argument("--days", type=int, default=365, help="validity in days (default 365)")
+    init.add_argument("--force", action="store_true", help="overwrite existing files")
+    node = keys_sub.add_parser("node", help="a client's authentication key pair (NAME and NAME.pub)")
+    node.add_argument("dir", help="output directory")
+    node.add_argument("name", help="node name (file name of the key pair)")
+    node.add_argument("--force", action="store_true", help="overwrite existing files")
+
+
+def _deploy_errors(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Deployment failures as one clear line: bad input exits 2, a failed run or join 1, Ctrl-C/SIGTERM 130."""
+
+    @functools.wraps(handler)
+    def wrapped(args: argparse.Namespace) -> int:
+        from pollinate.client.join import JoinError
+        from pollinate.server.coordinator import CoordinatorError, PortInUseError
+
+        try:
+            return handler(args)
+        except (*USER_ERRORS, PortInUseError, FileNotFoundError, FileExistsError, PermissionError,
+                ValueError) as exc:
+            print(f"pollinate: error: {exc}", file=sys.stderr)
+            return 2
+        except (CoordinatorError, JoinError) as exc:
+            print(f"pollinate: error: {exc}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            print(f"pollinate {args.command}: stopped", file=sys.stderr)
+            return 130
+
+    return wrapped
+
+
+def _insecure_banner(what: str) -> None:
+    print(f"\n!!! WARNING: {what} runs WITHOUT TLS and WITHOUT client authentication (--insecure). Anyone who can "
+          "reach the port can join, read the model and submit runs. Use only on a trusted local network. !!!\n",
+          file=sys.stderr)
+
+
+@_deploy_errors
+def cmd_coordinator(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from pollinate.common.report import summary_table
+    from pollinate.server.checkpoint import latest_round
+    from pollinate.server.coordinator import Coordinator, CoordinatorSpec
+    from pollinate.simulations.run import default_run_dir, preflight
+
+    cfg, resume_dir = config_and_resume(args)
+    run_dir = (resume_dir or default_run_dir(cfg)).expanduser().resolve()
+    if resume_dir is None and latest_round(run_dir) is not None:
+        raise ConfigError(f"run directory '{run_dir}' already holds checkpoints; continue it with --resume "
+                          f"{run_dir} or choose another --out")
+    if args.insecure:
+        _insecure_banner("the coordinator")
+    spec = CoordinatorSpec(
+        run_dir=run_dir, host=args.host, port=args.port, insecure=args.insecure,
+        certs_dir=Path(args.certs) if args.certs else None, node_public_keys=[Path(p) for p in args.node_key],
+        public_address=args.public_address,
+        # The ServerApp builds its RunConfig from this text; clients get the config inside every message.
+        run_config={"config-toml": to_toml(cfg), "run-dir": str(run_dir), "resume": resume_dir is not None},
+    )
+    coordinator = Coordinator(spec)
+    coordinator.check()  # certs, keys and port before the model and data are loaded
+    preflight(cfg)  # the model resolves (building a preset cache once) and the server's eval data loads
+    # Hook for side services a method needs beside the SuperLink (e.g. SFPrompt's split service, which its
+    # strategy starts today inside the ServerApp process): start them here and stop them in a finally.
+    console = Console(stderr=True)
+    console.print(f"pollinate coordinator: {cfg.method} on {cfg.model.name}, {cfg.federation.clients} clients x "
+                  f"{cfg.federation.rounds} rounds{' (resumed)' if resume_dir else ''} -> {run_dir}")
+    coordinator.run()
+    import json
+
+    console.print(summary_table(json.loads((run_dir / "report.json").read_text())))
+    print(f"report: {run_dir / 'report.json'}  (and report.md, metrics.jsonl, checkpoints/, adapter/)")
+    return 0
+
+
+@_deploy_errors
+def cmd_join(args: argparse.Namespace) -> int:
+    from pollinate.client.join import JoinSpec, join
+
+    ca_cert = None
+    if args.certs:
+        ca_cert = Path(args.certs).expanduser()
+        ca_cert = ca_cert / "ca.crt" if ca_cert.is_dir() else ca_cert
+    if args.insecure:
+        _insecure_banner("this client")
+    elif ca_cert is None:
+        raise ConfigError("--certs (the coordinator's ca.crt) is required unless --insecure")
+    if args.partition_id is None:
+        print("pollinate join: no --partition-id given: this client reports as client 0; give every client a "
+              "distinct id (the coordinator prints one per node key)", file=sys.stderr)
+    elif args.partition_id < 0:
+        raise ConfigError(f"--partition-id {args.partition_id} must be >= 0")
+    spec = JoinSpec(
+        coordinator=args.coordinator, insecure=args.insecure, ca_cert=ca_cert,
+        private_key=Path(args.key) if args.key else None, data_path=Path(args.data),
+        profile_path=Path(args.profile) if args.profile else None, partition_id=args.partition_id,
+        work_dir=Path(args.work_dir or f"pollinate-node-{args.partition_id or 0}"), retry_budget_s=args.retry_budget,
+    )
+    join(spec)
+    return 0
+
+
+@_deploy_errors
+def cmd_keys(args: argparse.Namespace) -> int:
+    from pollinate.common.keys import create_node_key, init_certs
+
+    if args.keys_command == "init":
+        paths = init_certs(args.dir, args.host, valid_days=args.days, overwrite=args.force)
+        print(f"wrote {paths.ca_cert}, {paths.server_cert}, {paths.server_key} and {paths.ca_key}.\n"
+              f"Coordinator: pollinate coordinator --certs {args.dir} ...; give clients {paths.ca_cert} "
+              f"(never ca.key or server.key).")
+    else:
+        private, public = create_node_key(args.dir, args.name, overwrite=args.force)
+        print(f"wrote {private} (stays on the client: pollinate join --key {private}) and {public} "
+              f"(for the coordinator: pollinate coordinator --node-key {public}).")
+    return 0
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -43,8 +43,9 @@ def _lora(model, seed=1):
     return get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=TARGETS))
 
 
-def _batch():
-    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(2))
+def _batch(model):
+    # load_quantized puts quantized models on CUDA when there is one.
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(2)).to(model.device)
     return {"input_ids": ids, "labels": ids}
 
 
@@ -82,7 +83,7 @@ def test_lora_training_step_changes_the_adapter(tiny_dir, bits):
     before = {k: v.clone() for k, v in get_peft_model_state_dict(model).items()}
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     model.train()
-    loss = model(**_batch()).loss
+    loss = model(**_batch(model)).loss
     loss.backward()
     optimizer.step()
     after = get_peft_model_state_dict(model)
@@ -103,9 +104,8 @@ def test_eval_forward_does_not_stop_lora_gradients(tiny_dir, monkeypatch):
     """Regression: bitsandbytes 0.50 repacks 4-bit weights during an eval no-grad forward on AVX512-BF16
     CPUs, after which gradients stop flowing through the base layers."""
     monkeypatch.setattr(bnb.nn.modules, "has_avx512bf16", lambda: True)
-    batch = _batch()
-
     fresh = _lora(load_quantized(tiny_dir, 4))
+    batch = _batch(fresh)
     fresh.train()
     fresh(**batch).loss.backward()
     reference = {n: p.grad.clone() for n, p in fresh.named_parameters() if "lora_B" in n}
@@ -136,7 +136,7 @@ def test_adapter_save_and_load_round_trip_on_nf4_base(tiny_dir, tmp_path):
     assert saved.keys() == restored.keys()
     for key in saved:
         torch.testing.assert_close(restored[key], saved[key])
-    ids = _batch()["input_ids"]
+    ids = _batch(model)["input_ids"]
     model.eval()
     loaded.eval()
     with torch.no_grad():

@@ -25,7 +25,7 @@ from pollinate.common.adapters import adapter_state, load_adapter_state, peft_lo
 from pollinate.common.codec import ErrorFeedback, decode_bundle
 from pollinate.common.config import RunConfig
 from pollinate.common.data import ExampleStream
-from pollinate.common.models import FAMILY_ALL_LINEAR, resolve_model
+from pollinate.common.models import FAMILY_ALL_LINEAR, model_device, resolve_model
 from pollinate.common.wire import bytes_to_record, record_to_arrays, record_to_bytes
 
 HELD_KEY, RESIDUAL_KEY, VERSION_KEY = "fedpipe.held", "fedpipe.residual", "fedpipe.version"
@@ -53,7 +53,8 @@ def importance_scores(model: torch.nn.Module, batches: ExampleStream, names: lis
     try:
         for _ in range(num_batches):
             model.zero_grad(set_to_none=True)
-            model(**batches.next_batch()).loss.backward()
+            batch = {k: v.to(model_device(model)) for k, v in batches.next_batch().items()}
+            model(**batch).loss.backward()
             for name, w in weights.items():
                 scores[name] += float((w.detach() * w.grad).abs().mean()) / num_batches
     finally:

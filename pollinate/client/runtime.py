@@ -16,7 +16,7 @@ import torch
 
 from pollinate.common.config import RunConfig
 from pollinate.common.data import encoder_for, load_task, partition_indices
-from pollinate.common.models import load_model, load_tokenizer, resolve_model
+from pollinate.common.models import load_model, load_tokenizer, model_device, resolve_model
 
 _CACHE: dict[tuple, Any] = {}
 
@@ -147,9 +147,10 @@ def train_steps(model: torch.nn.Module, batches, steps: int, lr: float, weight_d
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     model.train()
     losses = []
+    device = model_device(model)
     start = time.perf_counter()
     for _ in range(steps):
-        batch = batches.next_batch()
+        batch = {k: v.to(device) for k, v in batches.next_batch().items()}
         loss = model(**batch).loss
         loss.backward()
         if max_grad_norm > 0:

@@ -187,14 +187,28 @@ def load_tokenizer(path: str):
     return tokenizer
 
 
+def pick_device() -> torch.device:
+    """CUDA when present (``POLLINATE_DEVICE=cpu`` forces the CPU), else the CPU."""
+    wanted = os.environ.get("POLLINATE_DEVICE", "auto")
+    if wanted == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(wanted)
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
 def load_model(path: str, task: str, num_labels: int = 0, quantization_config=None) -> torch.nn.Module:
-    """fp32 model for ``task``; classification heads get ``num_labels`` outputs (fresh head when it differs)."""
+    """fp32 model for ``task`` on :func:`pick_device`; classification heads get ``num_labels`` outputs (a fresh
+    head when it differs)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
+    device = pick_device()
     kwargs = {"dtype": torch.float32}
     if quantization_config is not None:
-        kwargs.update(quantization_config=quantization_config, device_map="cpu")
+        kwargs.update(quantization_config=quantization_config, device_map={"": str(device)})
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # "newly initialized head" notices are expected for classification
     try:
@@ -208,4 +222,4 @@ def load_model(path: str, task: str, num_labels: int = 0, quantization_config=No
         hf_logging.set_verbosity(verbosity)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = model.config.eos_token_id
-    return model
+    return model if quantization_config is not None else model.to(device)

@@ -1,27 +1,59 @@
-"""The Flower ServerApp: builds the method's strategy and runs Flower's round loop; writes the run report."""
+"""The Flower ServerApp: builds the method's strategy and runs Flower's round loop; writes the run report.
+
+``run_server`` is shared by simulation (called in-process) and deployment (``main``, run by the SuperLink's
+ServerApp process with the coordinator's run config). With ``resume`` it continues a run directory from its
+last complete checkpoint: same global state, report history, server RNG state and method state, with the
+strategy's round numbers continuing where they stopped.
+"""
 
 from __future__ import annotations
 
 import importlib
+import random
+import time
+import tomllib
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from flwr.app import ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
-from pollinate.common.config import RunConfig, build_config, to_toml
+from pollinate.common.config import ConfigError, RunConfig, to_toml
 from pollinate.common.models import resolve_model
 from pollinate.common.report import RunRecorder, atomic_write_text
+from pollinate.common.wire import arrays_to_record
 from pollinate.methods import method_module
+from pollinate.server.checkpoint import find_resume_point, restore_rng_state
 
 
 def server_half(method: str):
     return importlib.import_module(f"pollinate.server.{method_module(method)}")
 
 
-def run_server(grid: Grid, cfg: RunConfig, run_dir: Path, quiet: bool = False) -> dict[str, Any]:
-    """One complete federated run on ``grid``; returns the report (also written to ``run_dir``)."""
+def run_server(grid: Grid, cfg: RunConfig, run_dir: Path, quiet: bool = False, resume: bool = False,
+               deployed: bool = False) -> dict[str, Any]:
+    """One complete federated run on ``grid``; returns the report (also written to ``run_dir``).
+
+    Parameters
+    ----------
+    grid : Grid
+        Flower's grid (simulation or deployment).
+    cfg : RunConfig
+        The run's config; with ``resume`` it must equal the checkpoint's (``[output]`` aside).
+    run_dir : Path
+        Where the report, metrics, checkpoints and adapter go.
+    quiet : bool, default False
+        No per-round progress lines.
+    resume : bool, default False
+        Continue ``run_dir`` after its last complete round; raises ``ResumeError`` before writing anything
+        when it cannot (no checkpoint, a differing config).
+    deployed : bool, default False
+        Real SuperNodes: wait until ``federation.clients`` have joined, then let later rounds go on with the
+        nodes still connected (at least ``min_clients``), so a client that left does not stall the run.
+    """
     run_dir = Path(run_dir)
+    point = find_resume_point(run_dir, cfg) if resume else None
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "config.toml", to_toml(cfg))
     header = {
@@ -30,17 +62,57 @@ def run_server(grid: Grid, cfg: RunConfig, run_dir: Path, quiet: bool = False) -
         "seed": cfg.federation.seed,
     }
     recorder = RunRecorder(run_dir, header, quiet=quiet)
+    if point is None:
+        # Node sampling (python random) and any numpy use on the server follow the run seed.
+        random.seed(cfg.federation.seed)
+        np.random.seed(cfg.federation.seed % 2**32)
     strategy = server_half(cfg.method).make_strategy(cfg, recorder, run_dir)
     try:
+        initial = strategy.initial_arrays()
+        if point is not None:
+            strategy.round_offset = point.server_round
+            recorder.restore(point.history, point.server_round)
+            strategy.restore_state(point.extra)
+            initial = arrays_to_record(point.arrays)
+        if deployed:
+            wait_for_clients(grid, cfg.federation.clients, recorder)
+            # From here on a round samples the connected nodes; one that left is not waited for.
+            strategy.min_available_nodes = strategy.min_train_nodes = max(1, cfg.federation.min_clients)
         strategy.prepare(grid)
+        if point is not None:
+            # After prepare, so the next round draws exactly what it would have drawn without the stop.
+            restore_rng_state(point.state["rng"])
         result = strategy.start(
-            grid=grid, initial_arrays=strategy.initial_arrays(), num_rounds=cfg.federation.rounds,
+            grid=grid, initial_arrays=initial, num_rounds=cfg.federation.rounds - strategy.round_offset,
             timeout=cfg.federation.round_timeout_s, train_config=ConfigRecord(), evaluate_fn=strategy.end_round,
         )
-        extra = strategy.save_final(result.arrays if len(result.arrays) else strategy.initial_arrays())
+        extra = strategy.save_final(result.arrays if len(result.arrays) else initial)
     finally:
         strategy.close()
     return recorder.write({**extra, "config": cfg.to_dict()}, plots=cfg.output.plots)
+
+
+def wait_for_clients(grid: Grid, needed: int, recorder: RunRecorder, poll_s: float = 1.0) -> None:
+    """Block until ``needed`` SuperNodes are connected, saying how many have joined whenever that changes."""
+    shown = -1
+    while (joined := len(list(grid.get_node_ids()))) < needed:
+        if joined != shown:
+            recorder.console.print(f"waiting for clients: {joined}/{needed} joined")
+            recorder.event("waiting_for_clients", joined=joined, needed=needed)
+            shown = joined
+        time.sleep(poll_s)
+    recorder.console.print(f"{joined} clients joined; starting")
+
+
+def config_from_run_config(run_config: dict[str, Any]) -> RunConfig:
+    """The RunConfig the coordinator sent: its effective config as TOML text under ``config-toml``."""
+    text = run_config.get("config-toml")
+    if not isinstance(text, str) or not text.strip():
+        raise ConfigError("the Flower run config has no 'config-toml' entry; start runs with `pollinate coordinator`")
+    try:
+        return RunConfig.from_dict(tomllib.loads(text))
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"the run config's 'config-toml' is not valid TOML: {exc}") from exc
 
 
 app = ServerApp()
@@ -48,7 +120,10 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Deployment entry: the coordinator passes ``config-path`` (its run.toml) and ``run-dir``."""
+    """Deployment entry: the coordinator passes ``config-toml`` (the effective config), ``run-dir`` and
+    ``resume`` in the Flower run config."""
     run_config = dict(context.run_config)
-    cfg = build_config(run_config.get("config-path") or None)
-    run_server(grid, cfg, Path(str(run_config.get("run-dir", "runs/deployed"))))
+    if "run-dir" not in run_config:
+        raise ConfigError("the Flower run config has no 'run-dir' entry; start runs with `pollinate coordinator`")
+    run_server(grid, config_from_run_config(run_config), Path(str(run_config["run-dir"])),
+               resume=bool(run_config.get("resume", False)), deployed=True)

@@ -238,16 +238,18 @@ def superlink_argv(spec: CoordinatorSpec) -> list[str]:
 
 
 def join_instructions(spec: CoordinatorSpec) -> str:
-    """What a client runs to join, as shell text."""
-    lines = [f"Clients join with:\n  pollinate join --coordinator {spec.join_address} \\"]
+    """What clients run to join, as shell text: one command per registered node key, each with its own
+    partition id (the client id in reports); a generic one for an insecure coordinator."""
+    base = f"pollinate join --coordinator {spec.join_address}"
     if spec.insecure:
-        lines.append("      --insecure \\")
-    else:
-        lines.append("      --certs <dir holding this coordinator's ca.crt> --key <node private key> \\")
-    lines.append("      --data <local data path> [--profile <edge profile .toml>] [--partition-id N]")
-    if not spec.insecure:
-        names = ", ".join(p.stem for p in spec.node_public_keys) or "none: no client can join"
-        lines.append(f"Registered node keys: {names}")
+        return (f"Clients join with (N = 0, 1, ... one per client):\n  {base} --insecure --partition-id N "
+                "--data <local data> [--profile <edge profile .toml>]")
+    if not spec.node_public_keys:
+        return "No node key registered (--node-key): no client can join this coordinator."
+    lines = ["Clients join with (copy ca.crt and the node's private key to it):"]
+    for partition_id, key in enumerate(spec.node_public_keys):
+        lines.append(f"  {base} --certs <dir holding ca.crt> --key <private key {key.stem}> "
+                     f"--partition-id {partition_id} --data <local data> [--profile <edge profile .toml>]")
     return "\n".join(lines)
 
 

@@ -13,7 +13,7 @@ import torch
 
 from pollinate.common.config import RunConfig
 from pollinate.common.data import TaskData, collate, encoder_for, format_prompt, load_task
-from pollinate.common.models import load_tokenizer, resolve_model
+from pollinate.common.models import load_tokenizer, model_device, resolve_model
 
 
 class ServerEvaluator:
@@ -34,6 +34,11 @@ class ServerEvaluator:
     def num_labels(self) -> int:
         return len(self.task.labels)
 
+    @staticmethod
+    def _on(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        device = model_device(model)
+        return {k: v.to(device) for k, v in batch.items()}
+
     def _batches(self, items: list, size: int):
         for start in range(0, len(items), size):
             yield items[start: start + size]
@@ -44,7 +49,7 @@ class ServerEvaluator:
         model.eval()
         total, weight = 0.0, 0
         for chunk in self._batches(self.encoded, self.cfg.eval.batch_size):
-            batch = collate(chunk, self.tokenizer.pad_token_id)
+            batch = self._on(model, collate(chunk, self.tokenizer.pad_token_id))
             loss = float(model(**batch).loss)
             n = int((batch["labels"][:, 1:] != -100).sum()) if batch["labels"].dim() == 2 else len(chunk)
             total, weight = total + loss * n, weight + n
@@ -58,7 +63,7 @@ class ServerEvaluator:
         for chunk in self._batches(self.task.eval, self.cfg.eval.batch_size):
             ids = [self.tokenizer(format_prompt(r["prompt"]), add_special_tokens=False)["input_ids"] for r in chunk]
             prompts = [{"input_ids": x, "labels": [-100] * len(x)} for x in ids]
-            batch = collate(prompts, self.tokenizer.pad_token_id, pad_left=True)
+            batch = self._on(model, collate(prompts, self.tokenizer.pad_token_id, pad_left=True))
             out = model.generate(
                 input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], do_sample=False,
                 max_new_tokens=self.cfg.eval.max_new_tokens, pad_token_id=self.tokenizer.pad_token_id,
@@ -74,7 +79,7 @@ class ServerEvaluator:
         model.eval()
         correct: dict[str, list[int]] = defaultdict(list)
         for chunk in self._batches(self.encoded, self.cfg.eval.batch_size):
-            batch = collate(chunk, self.tokenizer.pad_token_id)
+            batch = self._on(model, collate(chunk, self.tokenizer.pad_token_id))
             predicted = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.argmax(-1)
             for label, guess in zip(batch["labels"].tolist(), predicted.tolist(), strict=True):
                 correct["all"].append(int(label == guess))

@@ -259,7 +259,7 @@ class FedPipe(PollinateStrategy):
         modules = dict(self.model.named_modules())
         for name, weight in self.base_weights.items():
             delta = current[name].delta() if name in current else None
-            new = weight if delta is None else weight + torch.from_numpy(delta.astype(np.float32))
+            new = weight if delta is None else weight + torch.from_numpy(delta.astype(np.float32)).to(weight.device)
             modules[name].weight.copy_(new)
         return current
 

@@ -49,7 +49,8 @@ def preflight(cfg: RunConfig) -> None:
     partition_indices(data.train, cfg.federation.clients, cfg.data, data.partition_by, cfg.federation.seed)
 
 
-def simulate(cfg: RunConfig, run_dir: Path | None = None, quiet: bool = False) -> dict[str, Any]:
+def simulate(cfg: RunConfig, run_dir: Path | None = None, quiet: bool = False,
+             resume: bool = False) -> dict[str, Any]:
     for key, value in LOOPBACK_ENV.items():
         os.environ.setdefault(key, value)
     from flwr.app import Context
@@ -66,7 +67,7 @@ def simulate(cfg: RunConfig, run_dir: Path | None = None, quiet: bool = False) -
 
     @server_app.main()
     def _main(grid: Grid, context: Context) -> None:
-        outcome["report"] = run_server(grid, cfg, run_dir, quiet=quiet)
+        outcome["report"] = run_server(grid, cfg, run_dir, quiet=quiet, resume=resume)
 
     logging.getLogger("flwr").setLevel(logging.ERROR)  # Pollinate prints its own per-round progress
     quiet_library_warnings()
