@@ -5,6 +5,7 @@ import tempfile
 
 _SCRATCH = tempfile.mkdtemp(prefix="pollinate-tests-")
 for key, value in {
+    "OMP_NUM_THREADS": "1",  # tiny-model tests: threads only add contention on 2 cores
     "HF_HUB_OFFLINE": "1",
     "TRANSFORMERS_OFFLINE": "1",
     "HF_HOME": os.path.join(_SCRATCH, "hf"),

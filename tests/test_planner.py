@@ -309,3 +309,25 @@ def test_combine_importance_skips_all_zero_clients_and_rejects_negatives():
         combine_importance([{"a": 1.0, "b": -1.0}])
     with pytest.raises(ValueError, match="got 1 weights for 2 importance maps"):
         combine_importance([{"a": 1.0}, {"a": 1.0}], weights=[1.0])
+
+
+def test_param_budget_caps_every_plan_and_keeps_the_most_important_modules():
+    from pollinate.server.planner import (
+        SMOLLM2_135M_CONFIG,
+        PlanOptions,
+        adapter_param_count,
+        model_spec_from_config,
+        plan_clients,
+    )
+    from pollinate.common.profiles import assign_profiles
+
+    spec = model_spec_from_config(SMOLLM2_135M_CONFIG)
+    names = spec.module_names()
+    importance = {name: (10.0 if ".v_proj" in name else 1.0) for name in names}
+    profiles = assign_profiles("tiers", 3, seed=0)
+    capped = plan_clients(profiles, importance, spec, PlanOptions(max_adapter_params=50_000))
+    free = plan_clients(profiles, importance, spec, PlanOptions())
+    for plan in capped:
+        assert adapter_param_count(spec, plan.ranks) <= 50_000
+        assert sum(".v_proj" in m for m in plan.ranks) >= len(plan.ranks) / 2
+    assert max(adapter_param_count(spec, p.ranks) for p in free) > 50_000

@@ -26,7 +26,8 @@ def load_parameter_state(model: torch.nn.Module, state: dict[str, np.ndarray]) -
     params = dict(model.named_parameters())
     missing, unknown = sorted(set(params) - set(state)), sorted(set(state) - set(params))
     if missing or unknown:
-        raise ValueError(f"parameter state does not match the model: missing {missing[:3]}, unknown {unknown[:3]}")
+        raise ValueError(f"parameter state does not match the model: missing {missing[:3]}, "
+                         f"unknown {unknown[:3]}")
     with torch.no_grad():
         for name, param in params.items():
             param.copy_(torch.from_numpy(np.asarray(state[name])))

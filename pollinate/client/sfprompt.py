@@ -40,7 +40,8 @@ def split_parts(cfg: RunConfig, num_labels: int) -> SplitParts:
 
     def build() -> SplitParts:
         base = runtime.base_model(cfg, num_labels, tag="sfprompt")
-        parts = split_model(base, sf.head_layers, sf.tail_layers, sf.num_prompt_tokens, prompt_init=sf.prompt_init)
+        parts = split_model(base, sf.head_layers, sf.tail_layers, sf.num_prompt_tokens,
+                            prompt_init=sf.prompt_init)
         # The client never runs the body (the server does): free its weights, as an edge device would not
         # hold them.
         for param in parts.body.parameters():
@@ -53,7 +54,8 @@ def split_parts(cfg: RunConfig, num_labels: int) -> SplitParts:
 
 def trainable_state(parts: SplitParts) -> dict[str, np.ndarray]:
     """Prompts + trainable tail parameters as fp32 numpy, under ``head.*`` / ``tail.*`` names."""
-    return {name: p.detach().to(torch.float32).cpu().numpy().copy() for name, p in parts.trainable_parameters()}
+    return {name: p.detach().to(torch.float32).cpu().numpy().copy()
+            for name, p in parts.trainable_parameters()}
 
 
 def load_trainable_state(parts: SplitParts, state: dict[str, np.ndarray]) -> None:
@@ -106,7 +108,8 @@ def el2n_scores(parts: SplitParts, encoded: list[dict[str, Any]], batch_size: in
 
 
 def keep_top(scores: np.ndarray, fraction: float) -> list[int]:
-    """Indices (ascending) of the ``ceil(fraction · n)`` highest scores, at least one; ties keep the earlier."""
+    """Indices (ascending) of the ``ceil(fraction · n)`` highest scores (at least one); ties keep the
+    earlier example."""
     if not 0 < fraction <= 1:
         raise ValueError(f"keep fraction {fraction}: expected a float in (0, 1]")
     n = len(scores)

@@ -169,6 +169,9 @@ class FedPipeConfig:
                             default_factory=lambda: [32, 8, 4])
     batch_sizes: list[int] = _help("Batch sizes the planner may choose", default_factory=lambda: [2, 4, 8])
     score_batches: int = _help("Local batches used for importance scoring (|W * grad W|)", default=2)
+    param_budget: int = _help(
+        "Most adapter parameters a client trains (and sends) per round, on top of its memory and deadline "
+        "(0 = no cap); the planner spends it on the most important modules", default=100_000)
     global_rank: int = _help("Rank the server keeps the global ΔW at per module (higher = exact longer)",
                              default=32)
     uplink_encoding: str = _help(f"Client->server delta encoding: {' | '.join(ENCODING_CHOICES)}", default="nf4")
@@ -188,6 +191,7 @@ class FedPipeConfig:
         _require(bool(self.batch_sizes) and all(b >= 1 for b in self.batch_sizes), "fedpipe.batch_sizes",
                  self.batch_sizes, "a non-empty list of ints >= 1")
         _require(self.score_batches >= 1, "fedpipe.score_batches", self.score_batches, "an int >= 1")
+        _require(self.param_budget >= 0, "fedpipe.param_budget", self.param_budget, "an int >= 0")
         _require(self.global_rank >= 1, "fedpipe.global_rank", self.global_rank, "an int >= 1")
         _one_of("fedpipe.uplink_encoding", self.uplink_encoding, ENCODING_CHOICES)
         _one_of("fedpipe.downlink_encoding", self.downlink_encoding, ENCODING_CHOICES)

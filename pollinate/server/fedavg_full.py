@@ -36,13 +36,14 @@ def _load_parameters(model: torch.nn.Module, state: dict[str, np.ndarray]) -> No
 
 
 class FedAvgFull(PollinateStrategy):
-    """FedAvg over all model parameters; all settings in ``RunConfig`` (``[train]``, ``[federation]``, ...)."""
+    """FedAvg over all model parameters; settings in ``RunConfig`` (``[train]``, ``[federation]``, ...)."""
 
     def __init__(self, cfg: RunConfig, recorder: RunRecorder, run_dir: Path):
         super().__init__(cfg, recorder, run_dir)
         self.evaluator = ServerEvaluator(cfg)
-        torch.manual_seed(cfg.federation.seed)  # a freshly initialised classifier head is a function of the seed
-        self.model = load_model(self.evaluator.model_path, self.evaluator.task.task_type, self.evaluator.num_labels)
+        torch.manual_seed(cfg.federation.seed)  # a fresh classifier head is a function of the seed
+        evaluator = self.evaluator
+        self.model = load_model(evaluator.model_path, evaluator.task.task_type, evaluator.num_labels)
         self.shapes = {name: tuple(p.shape) for name, p in self.model.named_parameters()}
 
     def initial_arrays(self) -> ArrayRecord:

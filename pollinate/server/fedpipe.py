@@ -115,6 +115,7 @@ class FedPipe(PollinateStrategy):
             seq_len=self.cfg.model.max_seq_len, local_steps=self.cfg.train.local_steps,
             deadline_s=self.cfg.federation.deadline_s,
             update_bytes_per_param=WIRE_BYTES_PER_PARAM.get(fp.uplink_encoding, 4.0),
+            max_adapter_params=fp.param_budget or math.inf,
         )
 
     def prepare(self, grid: Grid) -> None:

@@ -349,6 +349,9 @@ class PlanOptions:
         Objective bonus per bits (less quantization error is better); keep it non-decreasing in bits.
     batch_bonus : float, default 0.02
         Objective bonus per doubling of the batch size.
+    max_adapter_params : float, default inf
+        Cap on trainable adapter parameters per client, on top of memory and deadline: the per-round
+        communication budget of a deployment (each parameter travels both ways every round).
     """
 
     ranks: tuple[int, ...] = (0, 2, 4, 8, 16)
@@ -366,6 +369,7 @@ class PlanOptions:
     time_factor: dict[int, float] = field(default_factory=_default_time_factor)
     bits_bonus: dict[int, float] = field(default_factory=_default_bits_bonus)
     batch_bonus: float = 0.02
+    max_adapter_params: float = math.inf
 
     def __post_init__(self) -> None:
         self.ranks = tuple(sorted(set(self.ranks)))
@@ -390,6 +394,8 @@ class PlanOptions:
                 raise ValueError(f"PlanOptions.{name} must be > 0, got {value!r}")
         if not 0 < self.utilization <= 1:
             raise ValueError(f"PlanOptions.utilization must be in (0, 1], got {self.utilization!r}")
+        if not self.max_adapter_params > 0:
+            raise ValueError(f"PlanOptions.max_adapter_params must be > 0, got {self.max_adapter_params!r}")
         if not math.isfinite(self.batch_bonus) or self.batch_bonus < 0:
             raise ValueError(f"PlanOptions.batch_bonus must be >= 0, got {self.batch_bonus!r}")
         for name in ("activation_factor", "time_factor", "bits_bonus"):
@@ -676,7 +682,7 @@ def plan_clients(profiles: Sequence[ResourceProfile], importance: Mapping[str, f
     per_param_t = flops[None, :, 1] / speed + comm_pp[:, None]
     cap_mem = (mem[:, None] * GIB - fixed_mem[None, :]) / options.adapter_state_bytes_per_param
     cap_time = (options.deadline_s - fixed_t) / per_param_t
-    cap_params = np.minimum(cap_mem, cap_time)
+    cap_params = np.minimum(np.minimum(cap_mem, cap_time), options.max_adapter_params)
 
     knap = _Knapsack.solve(spec, w, options, float(cap_params.max()))
     cap_units = np.floor(cap_params / knap.unit).astype(np.int64)

@@ -102,7 +102,8 @@ class SFPrompt(PollinateStrategy):
         self.evaluator = ServerEvaluator(cfg)
         # Fresh classifier head and initial prompts are functions of the seed.
         torch.manual_seed(cfg.federation.seed)
-        model = load_model(self.evaluator.model_path, self.evaluator.task.task_type, self.evaluator.num_labels)
+        evaluator = self.evaluator
+        model = load_model(evaluator.model_path, evaluator.task.task_type, evaluator.num_labels)
         self.parts = split_model(model, sf.head_layers, sf.tail_layers, sf.num_prompt_tokens,
                                  prompt_init=sf.prompt_init,
                                  generator=torch.Generator().manual_seed(cfg.federation.seed))
@@ -139,7 +140,8 @@ class SFPrompt(PollinateStrategy):
         if self.server is None:
             raise RuntimeError("the split service is not running: call prepare(grid) before round 1")
         token = self.tokens.issue(f"node-{node_id}", server_round, ttl_s=self.cfg.sfprompt.token_ttl_s)
-        split = ConfigRecord({"address": self.address, "token": token, "wire-dtype": self.cfg.sfprompt.wire_dtype})
+        split = ConfigRecord({"address": self.address, "token": token,
+                              "wire-dtype": self.cfg.sfprompt.wire_dtype})
         return RecordDict({"arrays": arrays, "config": config, "split": split})
 
     def aggregate_train(self, server_round: int,
@@ -152,7 +154,7 @@ class SFPrompt(PollinateStrategy):
 
     # --- replies ------------------------------------------------------------------------------------------
     def client_record(self, content: RecordDict) -> dict[str, Any]:
-        """Adds the split-plane bytes to Flower's, keeping both apart, plus pruning and compute-share fields."""
+        """Adds split-plane bytes to Flower's (keeping both apart) and the pruning/compute-share fields."""
         record = super().client_record(content)
         metrics = content["metrics"]
         extra = {key: metrics[key] for key in SPLIT_FIELDS if key in metrics}
