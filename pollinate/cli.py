@@ -214,11 +214,11 @@ def _add_deploy_parsers(sub: argparse._SubParsersAction, fmt: type[argparse.Help
     init.add_argument("--host", action="append", required=True, metavar="NAME",
                       help="DNS name or IP clients use to reach the coordinator; repeatable")
     init.add_argument("--days", type=int, default=365, help="validity in days (default 365)")
-    init.add_argument("--force", action="store_true", help="overwrite existing files")
+    init.add_argument("--overwrite", action="store_true", help="replace existing files")
     node = keys_sub.add_parser("node", help="a client's authentication key pair (NAME and NAME.pub)")
     node.add_argument("dir", help="output directory")
     node.add_argument("name", help="node name (file name of the key pair)")
-    node.add_argument("--force", action="store_true", help="overwrite existing files")
+    node.add_argument("--overwrite", action="store_true", help="replace existing files")
 
 
 def _deploy_errors(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
@@ -322,12 +322,12 @@ def cmd_keys(args: argparse.Namespace) -> int:
     from pollinate.common.keys import create_node_key, init_certs
 
     if args.keys_command == "init":
-        paths = init_certs(args.dir, args.host, valid_days=args.days, overwrite=args.force)
+        paths = init_certs(args.dir, args.host, valid_days=args.days, overwrite=args.overwrite)
         print(f"wrote {paths.ca_cert}, {paths.server_cert}, {paths.server_key} and {paths.ca_key}.\n"
               f"Coordinator: pollinate coordinator --certs {args.dir} ...; give clients {paths.ca_cert} "
               f"(never ca.key or server.key).")
     else:
-        private, public = create_node_key(args.dir, args.name, overwrite=args.force)
+        private, public = create_node_key(args.dir, args.name, overwrite=args.overwrite)
         print(f"wrote {private} (stays on the client: pollinate join --key {private}) and {public} "
               f"(for the coordinator: pollinate coordinator --node-key {public}).")
     return 0

@@ -206,7 +206,7 @@ def test_join_with_missing_data_or_ca_is_refused(tmp_path, pki, capsys):
 
 def test_keys_refuse_to_overwrite_without_force(pki, capsys):
     assert main(["keys", "node", str(pki / "nodes"), "client0"]) == 2
-    assert "exists" in capsys.readouterr().err
+    assert "refusing to overwrite" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -13,11 +13,13 @@ client so that neither imports the other.
 
 from __future__ import annotations
 
+import inspect
+
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -277,6 +279,23 @@ def unsplit_forward(
 
 
 # --------------------------------------------------------------------------------------------- Llama family
+_MASK_PARAMS = inspect.signature(create_causal_mask).parameters
+
+
+def _causal_mask(config, hidden: torch.Tensor, attention_mask: torch.Tensor | None,
+                 position_ids: torch.Tensor) -> Any:
+    """``create_causal_mask`` across transformers 5.x (its keyword names changed between minor releases:
+    ``cache`` vs ``past_key_values``, ``inputs_embeds`` vs ``input_embeds``, ``cache_position``)."""
+    kwargs: dict[str, Any] = {"config": config, "attention_mask": attention_mask, "position_ids": position_ids}
+    kwargs["inputs_embeds" if "inputs_embeds" in _MASK_PARAMS else "input_embeds"] = hidden
+    for name in ("cache", "past_key_values"):
+        if name in _MASK_PARAMS:
+            kwargs[name] = None
+    if "cache_position" in _MASK_PARAMS:
+        kwargs["cache_position"] = torch.arange(hidden.shape[1], device=hidden.device)
+    return create_causal_mask(**kwargs)
+
+
 class _LlamaBlocks(nn.Module):
     """A run of decoder layers that rebuilds rotary embeddings and the causal mask from shape + 2-D mask.
 
@@ -291,8 +310,7 @@ class _LlamaBlocks(nn.Module):
 
     def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         position_ids = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
-        mask = create_causal_mask(config=self.config, inputs_embeds=hidden, attention_mask=attention_mask,
-                                  cache=None, position_ids=position_ids)
+        mask = _causal_mask(self.config, hidden, attention_mask, position_ids)
         position_embeddings = self.rotary_emb(hidden, position_ids=position_ids)
         for layer in self.layers:
             hidden = layer(hidden, attention_mask=mask, position_embeddings=position_embeddings,
