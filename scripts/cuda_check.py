@@ -76,9 +76,9 @@ def check_quantized_base(path: str, bits: int) -> None:
 
 
 def check_split_exactness(kind: str) -> None:
-    from pollinate.common.splitmodel import split_model, unsplit_forward
-
     from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
+
+    from pollinate.common.splitmodel import split_model, unsplit_forward
 
     torch.manual_seed(0)
     device = pick_device()

@@ -312,6 +312,7 @@ def test_combine_importance_skips_all_zero_clients_and_rejects_negatives():
 
 
 def test_param_budget_caps_every_plan_and_keeps_the_most_important_modules():
+    from pollinate.common.profiles import assign_profiles
     from pollinate.server.planner import (
         SMOLLM2_135M_CONFIG,
         PlanOptions,
@@ -319,7 +320,6 @@ def test_param_budget_caps_every_plan_and_keeps_the_most_important_modules():
         model_spec_from_config,
         plan_clients,
     )
-    from pollinate.common.profiles import assign_profiles
 
     spec = model_spec_from_config(SMOLLM2_135M_CONFIG)
     names = spec.module_names()

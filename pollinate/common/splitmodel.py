@@ -14,7 +14,6 @@ client so that neither imports the other.
 from __future__ import annotations
 
 import inspect
-
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping
