@@ -599,7 +599,9 @@ class ErrorFeedback:
 
     def __init__(self, residuals: Mapping[str, np.ndarray] | None = None) -> None:
         # Restoring residuals lets a client keep them across processes (e.g. in Flower's context.state).
-        self._residual: dict[str, np.ndarray] = {k: np.asarray(v, dtype=np.float32) for k, v in (residuals or {}).items()}
+        self._residual: dict[str, np.ndarray] = {
+            k: np.asarray(v, dtype=np.float32) for k, v in (residuals or {}).items()
+        }
 
     @property
     def residuals(self) -> dict[str, np.ndarray]:
