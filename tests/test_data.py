@@ -89,3 +89,9 @@ def test_real_classification_file_partitions_by_label():
     task = load_task(cfg, "classification", 0)
     parts = partition_indices(task.train, 4, cfg, task.partition_by, 0)
     assert [len({task.train[i]["label"] for i in p}) for p in parts] == [1, 1, 1, 1]
+
+
+def test_a_partition_left_empty_is_an_error_naming_the_partitioning():
+    rows = generate_skills(12, seed=0)
+    with pytest.raises(DataError, match="(partition \\d+ of 10 is empty|partitioning 'dirichlet' failed)"):
+        partition_indices(rows, 10, DataConfig(partition="dirichlet", dirichlet_alpha=0.01), "skill", 0)
