@@ -23,7 +23,7 @@ from pollinate.common.data import generate_skills
 from pollinate.common.processes import free_loopback_port
 
 ROOT = Path(__file__).resolve().parents[1]
-ROUND_TIMEOUT_S = 60  # long enough for a healthy client on a busy 2-core machine, short for the dropped one
+ROUND_TIMEOUT_S = 90  # long enough for a healthy client on a busy 2-core machine, short for the dropped one
 RUN_OPTIONS = [
     "--model", "tiny-llama", "--clients", "3", "--rounds", "3", "--set", "data.eval_examples=8",
     "--set", "train.local_steps=2", "--set", f"federation.round_timeout_s={ROUND_TIMEOUT_S}",
@@ -119,8 +119,14 @@ def deployment(pki, tmp_path_factory):
         round2_at = max(e["time"] for e in _events(run_dir) if e["type"] == "round" and e["round"] == 2)
 
         def round3_clientapp():
-            return [p for p in _tree(clients[2].pid)[1:]
-                    if "flwr-clientapp" in " ".join(p.cmdline()) and p.create_time() > round2_at]
+            found = []
+            for proc in _tree(clients[2].pid)[1:]:
+                try:
+                    if "flwr-clientapp" in " ".join(proc.cmdline()) and proc.create_time() > round2_at:
+                        found.append(proc)
+                except psutil.Error:  # exited (or a zombie) while we looked
+                    pass
+            return found
 
         _wait_for("client 2's round-3 ClientApp", round3_clientapp, 120, resumed, coordinator_log)
         _signal_tree(_tree(clients[2].pid), signal.SIGKILL)

@@ -89,6 +89,7 @@ class PollinateStrategy(FedAvg):
         self._train_loss: float | None = None
         self.round_offset = 0  # rounds completed before this process started (resume)
         self._client_of_node: dict[int, int] = {}  # names dropped nodes in the report
+        self._sent: list[Message] = []
 
     # --- what a method says -------------------------------------------------------------------------
     @abstractmethod
@@ -171,6 +172,7 @@ class PollinateStrategy(FedAvg):
                 continue
             self._down[node_id] = wire_bytes(content)
             messages.append(Message(content=content, dst_node_id=node_id, message_type=msg.metadata.message_type))
+        self._sent = messages  # the grid gives each its message id when it pushes it
         return messages
 
     def aggregate_train(self, server_round: int,
@@ -178,8 +180,10 @@ class PollinateStrategy(FedAvg):
         server_round += self.round_offset
         accepted: list[tuple[int, RecordDict]] = []
         replied: set[int] = set()
+        # Errors the SuperLink makes itself (e.g. "node unavailable") come from its own id: name the destination.
+        sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in self._sent}
         for msg in replies:
-            node_id = msg.metadata.src_node_id
+            node_id = sent_to.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
             replied.add(node_id)
             if msg.has_error():
                 self.recorder.reject(server_round, self._client_of_node.get(node_id, f"node-{node_id}"),
