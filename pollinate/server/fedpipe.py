@@ -119,15 +119,30 @@ class FedPipe(PollinateStrategy):
         )
 
     def prepare(self, grid: Grid) -> None:
-        node_ids, _ = sample_nodes(grid, self.min_available_nodes, self.min_available_nodes)
-        config = ConfigRecord({"server-round": 0, "run-config": self.cfg.to_json()})
+        sample_nodes(grid, self.min_available_nodes, self.min_available_nodes)  # waits until enough joined
+        self._prepare_nodes(grid, list(grid.get_node_ids()), server_round=0)
+        if not self.plans:
+            raise RuntimeError("no client could be planned in FedPipe's round 0 (see 'rejected' in metrics.jsonl)")
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> list[Message]:
+        """Nodes seen for the first time (joined late, or rejoined with a new node id) are profiled, scored and
+        planned against the run's importance map before they get a training message."""
+        new_nodes = [n for n in grid.get_node_ids() if n not in self.node_client]
+        if new_nodes and self.importance:
+            self._prepare_nodes(grid, new_nodes, server_round)
+        return list(super().configure_train(server_round, arrays, config, grid))
+
+    def _prepare_nodes(self, grid: Grid, node_ids: list[int], server_round: int) -> None:
+        """Ask ``node_ids`` for profile + importance scores; the first call fixes the run's importance map."""
+        config = ConfigRecord({"server-round": server_round, "run-config": self.cfg.to_json()})
         messages = [Message(content=RecordDict({"config": config}), dst_node_id=n, message_type="train.prepare")
                     for n in node_ids]
-        replies = [r for r in grid.send_and_receive(messages, timeout=self.cfg.federation.round_timeout_s)]
         scores, weights, profiles, clients = [], [], [], []
-        for reply in replies:
+        for reply in grid.send_and_receive(messages, timeout=self.cfg.federation.round_timeout_s):
             if reply.has_error():
-                self.recorder.reject(0, f"node-{reply.metadata.src_node_id}", f"prepare failed: {reply.error.reason}")
+                self.recorder.reject(server_round, f"node-{reply.metadata.src_node_id}",
+                                     f"prepare failed: {reply.error.reason}")
                 continue
             content = reply.content
             client_id = int(content["metrics"]["client_id"])
@@ -137,11 +152,17 @@ class FedPipe(PollinateStrategy):
             profiles.append(ResourceProfile(**dict(content["profile"])))
             clients.append(client_id)
         if not clients:
-            raise RuntimeError("no client answered FedPipe's round 0 (profiles and importance scores)")
-        self.importance = combine_importance(scores, weights)
-        self.plans = self._plan_each(profiles, clients)
-        self.recorder.event("plans", importance_top=sorted(self.importance, key=self.importance.get)[-5:],
-                            plans={str(c): _plan_summary(p) for c, p in self.plans.items()})
+            return
+        if not self.importance:
+            self.importance = combine_importance(scores, weights)
+        new_plans = self._plan_each(profiles, clients)
+        self.plans.update(new_plans)
+        for client in clients:  # a re-planned client starts from a full download
+            self.held.pop(client, None)
+            self.held_version.pop(client, None)
+        self.recorder.event("plans", round=server_round,
+                            importance_top=sorted(self.importance, key=self.importance.get)[-5:],
+                            plans={str(c): _plan_summary(p) for c, p in new_plans.items()})
 
     def _plan_each(self, profiles: list[ResourceProfile], clients: list[int]) -> dict[int, ClientPlan]:
         """Plan every client; one that fits nothing is reported (planner's message) and left out."""
