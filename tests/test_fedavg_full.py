@@ -12,7 +12,7 @@ import torch
 from flwr.app import MetricRecord, RecordDict
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from pollinate.client.fedavg_full import load_parameter_state, parameter_state
+from pollinate.common.adapters import load_parameter_state, parameter_state
 from pollinate.common.config import build_config
 from pollinate.common.report import RunRecorder
 from pollinate.common.wire import arrays_to_record, record_to_arrays
@@ -37,22 +37,22 @@ def tiny_llama(seed: int) -> LlamaForCausalLM:
 
 def test_state_holds_every_parameter_once_and_round_trips():
     source, target = tiny_llama(0), tiny_llama(1)
-    state = parameter_state(source)
+    state = parameter_state(dict(source.named_parameters()))
     assert "lm_head.weight" not in state and "model.embed_tokens.weight" in state  # tied: sent once
     assert sum(v.size for v in state.values()) == sum(p.numel() for p in source.parameters())
     assert all(v.dtype == np.float32 for v in state.values())
-    load_parameter_state(target, state)
+    load_parameter_state(dict(target.named_parameters()), state)
     ids = torch.tensor([[3, 9, 27, 81]])
     torch.testing.assert_close(target(input_ids=ids).logits, source(input_ids=ids).logits, rtol=0, atol=0)
     assert target.lm_head.weight.data_ptr() == target.model.embed_tokens.weight.data_ptr()  # still tied
 
 
 def test_loading_a_state_with_missing_or_extra_tensors_is_refused():
-    model, state = tiny_llama(0), parameter_state(tiny_llama(0))
+    model, state = tiny_llama(0), parameter_state(dict(tiny_llama(0).named_parameters()))
     state.pop("model.norm.weight")
     state["extra.weight"] = np.zeros(2, dtype=np.float32)
     with pytest.raises(ValueError, match=r"missing \['model.norm.weight'\], unknown \['extra.weight'\]"):
-        load_parameter_state(model, state)
+        load_parameter_state(dict(model.named_parameters()), state)
 
 
 @pytest.fixture
@@ -79,7 +79,7 @@ def test_saved_model_loads_with_from_pretrained_and_equals_the_global(strategy, 
     arrays = {k: v * 0.5 for k, v in arrays.items()}
     extra = strategy.save_final(arrays_to_record(arrays))
     loaded = AutoModelForCausalLM.from_pretrained(extra["model_dir"]).eval()
-    reference = parameter_state(loaded)
+    reference = parameter_state(dict(loaded.named_parameters()))
     assert set(reference) == set(arrays)
     for key, value in arrays.items():
         np.testing.assert_array_equal(reference[key], value)

@@ -6,31 +6,13 @@ deltas), so the bytes are what sending the whole model costs.
 
 from __future__ import annotations
 
-import numpy as np
-import torch
 from flwr.app import Context, Message, MetricRecord, RecordDict
 
 from pollinate.client import runtime
+from pollinate.common.adapters import load_parameter_state, parameter_state
 from pollinate.common.config import RunConfig
 from pollinate.common.data import ExampleStream
 from pollinate.common.wire import arrays_to_record, record_to_arrays
-
-
-def parameter_state(model: torch.nn.Module) -> dict[str, np.ndarray]:
-    """Every parameter as fp32 numpy; tied weights appear once (``named_parameters`` deduplicates them)."""
-    return {name: p.detach().to(torch.float32).cpu().numpy().copy() for name, p in model.named_parameters()}
-
-
-def load_parameter_state(model: torch.nn.Module, state: dict[str, np.ndarray]) -> None:
-    """Overwrite every parameter in place; the key sets must match exactly (no silent partial loads)."""
-    params = dict(model.named_parameters())
-    missing, unknown = sorted(set(params) - set(state)), sorted(set(state) - set(params))
-    if missing or unknown:
-        raise ValueError(f"parameter state does not match the model: missing {missing[:3]}, "
-                         f"unknown {unknown[:3]}")
-    with torch.no_grad():
-        for name, param in params.items():
-            param.copy_(torch.from_numpy(np.asarray(state[name])))
 
 
 def train(msg: Message, cfg: RunConfig, context: Context) -> RecordDict:
@@ -38,7 +20,7 @@ def train(msg: Message, cfg: RunConfig, context: Context) -> RecordDict:
     data = runtime.local_data(cfg, dict(context.node_config))
     # Loaded once per process; every round overwrites all of its weights, so reuse is safe.
     model = runtime.base_model(cfg, data.num_labels, tag="fedavg-full").requires_grad_(True)
-    load_parameter_state(model, record_to_arrays(msg.content["arrays"]))
+    load_parameter_state(dict(model.named_parameters()), record_to_arrays(msg.content["arrays"]))
     runtime.seed_everything(cfg, server_round, data.client_id)
     batches = ExampleStream(data.encoded, cfg.train.batch_size, runtime.tokenizer_for(cfg).pad_token_id,
                             seed=cfg.federation.seed * 7919 + server_round * 31 + data.client_id)
@@ -49,5 +31,5 @@ def train(msg: Message, cfg: RunConfig, context: Context) -> RecordDict:
         "num-examples": data.num_examples, "client_id": data.client_id,
         "peak_rss_bytes": runtime.peak_rss_bytes(), "compute_seconds": timing["compute_seconds"], **stats,
     })
-    return RecordDict({"arrays": arrays_to_record(parameter_state(model)), "metrics": metrics,
+    return RecordDict({"arrays": arrays_to_record(parameter_state(dict(model.named_parameters()))), "metrics": metrics,
                        "profile": timing["profile"]})

@@ -42,3 +42,18 @@ def load_adapter_state(model: PeftModel, state: dict[str, np.ndarray], adapter_n
         raise ValueError(f"adapter state does not match the model: missing {missing[:3]}, unknown {unknown[:3]}")
     tensors = {key: torch.from_numpy(np.asarray(value, dtype=np.float32)) for key, value in state.items()}
     set_peft_model_state_dict(model, tensors, adapter_name=adapter_name)
+
+
+def parameter_state(params: dict[str, torch.nn.Parameter]) -> dict[str, np.ndarray]:
+    """Named parameters as fp32 numpy (pass ``dict(model.named_parameters())``: tied weights appear once)."""
+    return {name: p.detach().to(torch.float32).cpu().numpy().copy() for name, p in params.items()}
+
+
+def load_parameter_state(params: dict[str, torch.nn.Parameter], state: dict[str, np.ndarray]) -> None:
+    """Overwrite named parameters in place; the key sets must match exactly (no silent partial loads)."""
+    missing, unknown = sorted(set(params) - set(state)), sorted(set(state) - set(params))
+    if missing or unknown:
+        raise ValueError(f"parameter state does not match the model: missing {missing[:3]}, unknown {unknown[:3]}")
+    with torch.no_grad():
+        for name, param in params.items():
+            param.copy_(torch.from_numpy(np.asarray(state[name], dtype=np.float32)))

@@ -10,32 +10,19 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from flwr.app import ArrayRecord, RecordDict
+from flwr.app import ArrayRecord
 
+from pollinate.common.adapters import load_parameter_state, parameter_state
 from pollinate.common.config import RunConfig
 from pollinate.common.models import load_model
 from pollinate.common.report import RunRecorder
 from pollinate.common.wire import arrays_to_record, record_to_arrays
 from pollinate.server.evaluation import ServerEvaluator
-from pollinate.server.strategy import PollinateStrategy, check_arrays, weighted_average
+from pollinate.server.strategy import StateFedAvg
 
 
-def _parameters(model: torch.nn.Module) -> dict[str, np.ndarray]:
-    # Same key set as the client half (named_parameters: tied weights once); duplicated so neither side
-    # imports the other's code.
-    return {name: p.detach().to(torch.float32).cpu().numpy().copy() for name, p in model.named_parameters()}
-
-
-def _load_parameters(model: torch.nn.Module, state: dict[str, np.ndarray]) -> None:
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, param in params.items():
-            param.copy_(torch.from_numpy(np.asarray(state[name])))
-
-
-class FedAvgFull(PollinateStrategy):
+class FedAvgFull(StateFedAvg):
     """FedAvg over all model parameters; settings in ``RunConfig`` (``[train]``, ``[federation]``, ...)."""
 
     def __init__(self, cfg: RunConfig, recorder: RunRecorder, run_dir: Path):
@@ -47,22 +34,14 @@ class FedAvgFull(PollinateStrategy):
         self.shapes = {name: tuple(p.shape) for name, p in self.model.named_parameters()}
 
     def initial_arrays(self) -> ArrayRecord:
-        return arrays_to_record(_parameters(self.model))
-
-    def check_reply(self, server_round: int, content: RecordDict) -> None:
-        check_arrays(record_to_arrays(content["arrays"]), self.shapes)
-
-    def aggregate(self, server_round: int, contents: list[RecordDict]) -> ArrayRecord:
-        states = [record_to_arrays(c["arrays"]) for c in contents]
-        weights = [float(c["metrics"]["num-examples"]) for c in contents]
-        return arrays_to_record(weighted_average(states, weights))
+        return arrays_to_record(parameter_state(dict(self.model.named_parameters())))
 
     def evaluate_global(self, arrays: ArrayRecord) -> dict[str, Any]:
-        _load_parameters(self.model, record_to_arrays(arrays))
+        load_parameter_state(dict(self.model.named_parameters()), record_to_arrays(arrays))
         return self.evaluator.evaluate(self.model)
 
     def save_final(self, arrays: ArrayRecord) -> dict[str, Any]:
-        _load_parameters(self.model, record_to_arrays(arrays))
+        load_parameter_state(dict(self.model.named_parameters()), record_to_arrays(arrays))
         model_dir = self.run_dir / "model"
         self.model.save_pretrained(model_dir)
         self.evaluator.tokenizer.save_pretrained(model_dir)

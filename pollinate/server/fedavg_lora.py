@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, RecordDict
+from flwr.app import ArrayRecord
 
 from pollinate.common.adapters import adapter_state, load_adapter_state, peft_lora_config, wrap_with_lora
 from pollinate.common.config import RunConfig
@@ -18,10 +18,10 @@ from pollinate.common.models import load_model
 from pollinate.common.report import RunRecorder
 from pollinate.common.wire import arrays_to_record, record_to_arrays
 from pollinate.server.evaluation import ServerEvaluator
-from pollinate.server.strategy import PollinateStrategy, check_arrays, weighted_average
+from pollinate.server.strategy import StateFedAvg
 
 
-class FedAvgLora(PollinateStrategy):
+class FedAvgLora(StateFedAvg):
     """FedAvg over peft LoRA adapters; all parameters in ``RunConfig`` (``[lora]``, ``[train]``, ...)."""
 
     def __init__(self, cfg: RunConfig, recorder: RunRecorder, run_dir: Path):
@@ -35,14 +35,6 @@ class FedAvgLora(PollinateStrategy):
 
     def initial_arrays(self) -> ArrayRecord:
         return arrays_to_record(adapter_state(self.model))
-
-    def check_reply(self, server_round: int, content: RecordDict) -> None:
-        check_arrays(record_to_arrays(content["arrays"]), self.shapes)
-
-    def aggregate(self, server_round: int, contents: list[RecordDict]) -> ArrayRecord:
-        states = [record_to_arrays(c["arrays"]) for c in contents]
-        weights = [float(c["metrics"]["num-examples"]) for c in contents]
-        return arrays_to_record(weighted_average(states, weights))
 
     def evaluate_global(self, arrays: ArrayRecord) -> dict[str, Any]:
         load_adapter_state(self.model, record_to_arrays(arrays))

@@ -265,8 +265,8 @@ class FedPipe(PollinateStrategy):
                             modules=len(per_module))
         return arrays_to_record(state)
 
-    def client_record(self, content: RecordDict) -> dict[str, Any]:
-        record = super().client_record(content)
+    def client_record(self, content: RecordDict, bytes_up: int, bytes_down: int) -> dict[str, Any]:
+        record = super().client_record(content, bytes_up, bytes_down)
         plan = self.plans.get(record["client_id"])
         if plan is not None:
             record.update(plan=_plan_summary(plan), est_memory_bytes=int(plan.est_memory_bytes),

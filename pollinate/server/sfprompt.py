@@ -25,14 +25,15 @@ from flwr.serverapp import Grid
 from safetensors.numpy import save_file
 from torch import nn
 
+from pollinate.common.adapters import load_parameter_state, parameter_state
 from pollinate.common.config import RunConfig
 from pollinate.common.models import load_model
 from pollinate.common.report import RunRecorder
 from pollinate.common.splitmodel import SplitParts, TailOutput, split_model
-from pollinate.common.wire import arrays_to_record, record_to_arrays, wire_bytes
+from pollinate.common.wire import arrays_to_record, record_to_arrays
 from pollinate.server.evaluation import ServerEvaluator
 from pollinate.server.split_service import TokenRegistry, start_split_server
-from pollinate.server.strategy import PollinateStrategy, check_arrays, weighted_average
+from pollinate.server.strategy import StateFedAvg
 
 SPLIT_FIELDS = ("split_bytes_up", "split_bytes_down", "kept_examples", "client_compute_share",
                 "client_compute_seconds", "split_wait_seconds", "local_steps", "split_steps", "local_loss",
@@ -89,7 +90,7 @@ class PromptedSplitModel(nn.Module):
         return torch.cat([input_ids, torch.stack(new_tokens, dim=1)], dim=1)
 
 
-class SFPrompt(PollinateStrategy):
+class SFPrompt(StateFedAvg):
     """SFPrompt (Cao et al. 2024); settings in ``[sfprompt]``, ``[train]`` and ``[federation]``.
 
     The split service starts in ``prepare`` (before round 1) on ``sfprompt.host:port`` and stops in
@@ -113,10 +114,9 @@ class SFPrompt(PollinateStrategy):
         self.tokens = TokenRegistry()
         self.server: grpc.Server | None = None
         self.address = ""
-        self._reply_nodes: dict[int, int] = {}
 
     def initial_arrays(self) -> ArrayRecord:
-        return arrays_to_record({name: p.detach().float().numpy().copy() for name, p in self.params.items()})
+        return arrays_to_record(parameter_state(self.params))
 
     # --- the split service ------------------------------------------------------------------------------
     def prepare(self, grid: Grid) -> None:
@@ -147,63 +147,37 @@ class SFPrompt(PollinateStrategy):
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
-        self.tokens.revoke_round(server_round)  # replies are in: this round's tokens are done
-        # client_record sees only the content; remember whose it is to find the Flower bytes sent down.
-        self._reply_nodes = {id(m.content): m.metadata.src_node_id for m in replies if not m.has_error()}
+        self.tokens.revoke_round(server_round + self.round_offset)  # replies are in: this round's tokens are done
         return super().aggregate_train(server_round, replies)
 
     # --- replies ------------------------------------------------------------------------------------------
-    def client_record(self, content: RecordDict) -> dict[str, Any]:
+    def client_record(self, content: RecordDict, bytes_up: int, bytes_down: int) -> dict[str, Any]:
         """Adds split-plane bytes to Flower's (keeping both apart) and the pruning/compute-share fields."""
-        record = super().client_record(content)
+        record = super().client_record(content, bytes_up, bytes_down)
         metrics = content["metrics"]
         extra = {key: metrics[key] for key in SPLIT_FIELDS if key in metrics}
         split_up, split_down = int(metrics["split_bytes_up"]), int(metrics["split_bytes_down"])
-        flower_up, flower_down = self._flower_bytes(content)
         return {**record, **extra, "split_bytes_up": split_up, "split_bytes_down": split_down,
                 "kept_examples": int(metrics["kept_examples"]),
-                "flower_bytes_up": flower_up, "flower_bytes_down": flower_down,
-                "bytes_up": flower_up + split_up, "bytes_down": flower_down + split_down}
-
-    def _flower_bytes(self, content: RecordDict) -> tuple[int, int]:
-        """(up, down) bytes of this client's Flower messages, counted as the base strategy counts them."""
-        return wire_bytes(content), self._down.get(self._reply_nodes.get(id(content), -1), 0)
-
-    def check_reply(self, server_round: int, content: RecordDict) -> None:
-        check_arrays(record_to_arrays(content["arrays"]), self.shapes)
-
-    def aggregate(self, server_round: int, contents: list[RecordDict]) -> ArrayRecord:
-        states = [record_to_arrays(c["arrays"]) for c in contents]
-        weights = [float(c["metrics"]["num-examples"]) for c in contents]
-        return arrays_to_record(weighted_average(states, weights))
+                "flower_bytes_up": bytes_up, "flower_bytes_down": bytes_down,
+                "bytes_up": bytes_up + split_up, "bytes_down": bytes_down + split_down}
 
     # --- the global model ---------------------------------------------------------------------------------
     def _load(self, arrays: ArrayRecord) -> None:
-        state = record_to_arrays(arrays)
-        with torch.no_grad():
-            for name, param in self.params.items():
-                param.copy_(torch.from_numpy(np.asarray(state[name])))
+        load_parameter_state(self.params, record_to_arrays(arrays))
 
     def evaluate_global(self, arrays: ArrayRecord) -> dict[str, Any]:
         self._load(arrays)
         return self.evaluator.evaluate(self.model)
 
-    def end_round(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        """The base round record plus round totals of the split plane."""
-        if server_round == 0:
-            return super().end_round(server_round, arrays)
+    def round_fields(self) -> dict[str, Any]:
+        """Round totals of the split plane and the mean client compute share."""
         accepted = [c for c in self._clients if not c.get("rejected")]
-        totals = {key: sum(int(c.get(key, 0)) for c in self._clients)
-                  for key in ("split_bytes_up", "split_bytes_down", "kept_examples")}
+        totals: dict[str, Any] = {key: sum(int(c.get(key, 0)) for c in self._clients)
+                                  for key in ("split_bytes_up", "split_bytes_down", "kept_examples")}
         shares = [c["client_compute_share"] for c in accepted if "client_compute_share" in c]
         totals["client_compute_share"] = float(np.mean(shares)) if shares else None
-        # Workaround until strategy.py has a hook for method round fields: extend the record on its way in.
-        round_done = self.recorder.round_done
-        self.recorder.round_done = lambda record: round_done({**record, **totals})
-        try:
-            return super().end_round(server_round, arrays)
-        finally:
-            del self.recorder.round_done
+        return totals
 
     def save_final(self, arrays: ArrayRecord) -> dict[str, Any]:
         self._load(arrays)

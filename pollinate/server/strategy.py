@@ -29,7 +29,7 @@ from pollinate.common.codec import UpdateRejected  # one rejection type for ever
 from pollinate.common.config import RunConfig
 from pollinate.common.profiles import ResourceProfile, comm_seconds
 from pollinate.common.report import RunRecorder
-from pollinate.common.wire import record_to_arrays, wire_bytes
+from pollinate.common.wire import arrays_to_record, record_to_arrays, wire_bytes
 from pollinate.server.checkpoint import round_state, save_round
 
 
@@ -132,14 +132,20 @@ class PollinateStrategy(FedAvg):
         payloads override this."""
         return RecordDict({"arrays": arrays, "config": config})
 
-    def client_record(self, content: RecordDict) -> dict[str, Any]:
-        """Per-client report fields from its reply metrics (methods may add their own)."""
+    def client_record(self, content: RecordDict, bytes_up: int, bytes_down: int) -> dict[str, Any]:
+        """Per-client report fields from its reply and its Flower bytes (methods may add their own, e.g. bytes
+        of another data plane)."""
         metrics = content["metrics"]
         keep = ("client_id", "train_seconds", "num-examples", "peak_rss_bytes", "train_loss")
-        record = {key: metrics[key] for key in keep if key in metrics}
+        record: dict[str, Any] = {"bytes_down": bytes_down, "bytes_up": bytes_up}
+        record.update({key: metrics[key] for key in keep if key in metrics})
         record["num_examples"] = int(record.pop("num-examples", 0))
         record["client_id"] = int(record.get("client_id", -1))
         return record
+
+    def round_fields(self) -> dict[str, Any]:
+        """Extra per-round report fields of a method (e.g. totals of its own per-client fields)."""
+        return {}
 
     def profile_timing(self, content: RecordDict, bytes_up: int, bytes_down: int) -> dict[str, Any]:
         """Enforce the client's profile: round time = compute (as its device) + bytes / its bandwidth."""
@@ -193,7 +199,7 @@ class PollinateStrategy(FedAvg):
             try:
                 if "metrics" not in msg.content.metric_records:
                     raise UpdateRejected("reply has no 'metrics' MetricRecord")
-                record.update(self.client_record(msg.content))
+                record = self.client_record(msg.content, record["bytes_up"], record["bytes_down"])
                 record.update(self.profile_timing(msg.content, record["bytes_up"], record["bytes_down"]))
                 self.check_reply(server_round, msg.content)
             except (UpdateRejected, KeyError, ValueError, TypeError) as exc:
@@ -234,9 +240,25 @@ class PollinateStrategy(FedAvg):
             "bytes_up": sum(c["bytes_up"] for c in self._clients),
             "bytes_down": sum(c["bytes_down"] for c in self._clients),
             "seconds": round(time.perf_counter() - self._round_start, 3),
+            **self.round_fields(),
             "clients": sorted(self._clients, key=lambda c: c["client_id"]),
         }
         self.recorder.round_done(record)
         state, extra_arrays = round_state(server_round, self.cfg, self.recorder.history(), self.extra_state())
         save_round(self.run_dir, server_round, record_to_arrays(arrays), state, extra_arrays)
         return MetricRecord({"eval_loss": evaluation["eval_loss"]})
+
+
+class StateFedAvg(PollinateStrategy):
+    """A method whose global state is a fixed set of named fp32 tensors that every client receives and returns in
+    full: replies are checked against ``self.shapes`` and averaged weighted by examples (FedAvg)."""
+
+    shapes: dict[str, tuple[int, ...]]
+
+    def check_reply(self, server_round: int, content: RecordDict) -> None:
+        check_arrays(record_to_arrays(content["arrays"]), self.shapes)
+
+    def aggregate(self, server_round: int, contents: list[RecordDict]) -> ArrayRecord:
+        states = [record_to_arrays(c["arrays"]) for c in contents]
+        weights = [float(c["metrics"]["num-examples"]) for c in contents]
+        return arrays_to_record(weighted_average(states, weights))
