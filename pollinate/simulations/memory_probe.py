@@ -1,15 +1,20 @@
 """Peak memory of one client's LoRA training at a given base precision, in a fresh process.
 
 ``python -m pollinate.simulations.memory_probe --model smollm2-135m --bits 4`` prints one JSON line:
-the process RSS after imports, the peak RSS during loading + ``--steps`` training steps, and their difference
-(``peak_mib``: what the model, adapter, optimizer state and activations cost on top of the runtime).
+``peak_mib`` is the highest RSS while training (sampled every 2 ms) minus the RSS after imports: what the base,
+adapter, optimizer state and activations cost on top of the runtime. Quantizing from the fp32 checkpoint
+transiently needs the fp32 weights (``load_peak_mib``); a deployed NF4 client would load a pre-quantized base,
+so the freed load-time memory is returned to the OS (``malloc_trim``) before training is measured.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import json
 import resource
+import threading
 import time
 
 import torch
@@ -52,16 +57,32 @@ def main() -> None:
         model = prepare_quantized_model(model)
     lora = LoraConfig(r=args.rank, alpha=2.0 * args.rank, dropout=0.0, target_modules=FAMILY_ALL_LINEAR[info.family])
     model = wrap_with_lora(model, peft_lora_config(lora, info.family, "generation"))
+    load_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     ids = torch.randint(0, model.config.vocab_size, (args.batch_size, args.seq_len))
+    samples: list[float] = [_rss_mib()]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            samples.append(_rss_mib())
+            time.sleep(0.002)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
     for _ in range(args.steps):
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"bits": args.bits, "baseline_mib": round(baseline, 1), "peak_rss_mib": round(peak, 1),
-                      "peak_mib": round(peak - baseline, 1), "seconds": round(time.perf_counter() - start, 2)}))
+    done.set()
+    sampler.join()
+    peak = max(samples)
+    print(json.dumps({"bits": args.bits, "baseline_mib": round(baseline, 1), "train_peak_rss_mib": round(peak, 1),
+                      "peak_mib": round(peak - baseline, 1), "load_peak_mib": round(load_peak - baseline, 1),
+                      "seconds": round(time.perf_counter() - start, 2)}))
 
 
 if __name__ == "__main__":
