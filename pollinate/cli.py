@@ -267,6 +267,10 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
                           f"{run_dir} or choose another --out")
     if args.insecure:
         _insecure_banner("the coordinator")
+    elif args.certs and not cfg.sfprompt.tls_certs:  # the split plane uses the coordinator's certificate too
+        from dataclasses import replace
+
+        cfg = replace(cfg, sfprompt=replace(cfg.sfprompt, tls_certs=str(Path(args.certs).expanduser().resolve())))
     spec = CoordinatorSpec(
         run_dir=run_dir, host=args.host, port=args.port, insecure=args.insecure,
         certs_dir=Path(args.certs) if args.certs else None, node_public_keys=[Path(p) for p in args.node_key],

@@ -257,6 +257,28 @@ def test_split_service_refuses_a_token_it_never_issued(strategy):
     assert refused.value.code == grpc.StatusCode.UNAUTHENTICATED
 
 
+def test_with_coordinator_certs_the_split_plane_is_tls_and_clients_get_the_ca(tmp_path):
+    from pollinate.common.keys import init_certs
+
+    certs = init_certs(tmp_path / "certs", ["localhost"]).ca_cert.parent
+    cfg = build_config(overrides=["model.name=tiny-llama", "method=sfprompt", "federation.clients=2",
+                                  "data.train_examples=20", "data.eval_examples=4",
+                                  f'sfprompt.tls_certs="{certs}"'])
+    tls = SFPrompt(cfg, RunRecorder(tmp_path, {"rounds_planned": 1}, quiet=True), tmp_path)
+    tls.prepare(None)
+    try:
+        split = tls.train_content(3, 1, tls.initial_arrays(), ConfigRecord({"server-round": 1}))["split"]
+        assert "BEGIN CERTIFICATE" in split["ca-pem"]
+        with SplitChannel(split["address"], split["token"], root_certificates=split["ca-pem"].encode()) as channel:
+            assert _forward(channel).shape == (1, 4, 64)
+        with SplitChannel(split["address"], split["token"], timeout_s=5) as plaintext, \
+                pytest.raises(SplitCallError) as refused:
+            _forward(plaintext)
+        assert refused.value.code == grpc.StatusCode.UNAVAILABLE
+    finally:
+        tls.close()
+
+
 def test_save_final_writes_the_prompt_and_tail_state(strategy, tmp_path):
     from safetensors.numpy import load_file
 

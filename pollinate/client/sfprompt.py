@@ -194,8 +194,10 @@ def train(msg: Message, cfg: RunConfig, context: Context) -> RecordDict:
     kept_stream = ExampleStream([data.encoded[i] for i in kept], batch_size, pad_id, seed=seed + 1)
     local_steps = phase_steps(sf.local_epochs, data.num_examples, batch_size, sf.local_steps)
     split_steps = phase_steps(sf.split_epochs, len(kept), batch_size, sf.split_steps)
+    ca_pem = str(split["ca-pem"]) if "ca-pem" in split else ""
     with TimedSplitChannel(str(split["address"]), str(split["token"]), wire_dtype=str(split["wire-dtype"]),
-                           timeout_s=sf.call_timeout_s, max_message_bytes=sf.max_message_bytes) as channel:
+                           timeout_s=sf.call_timeout_s, max_message_bytes=sf.max_message_bytes,
+                           root_certificates=ca_pem.encode() or None) as channel:
         stats = train_prompts_and_tail(parts, local, local_steps, kept_stream, split_steps, channel.body, cfg)
     total_s = time.perf_counter() - start
     client_s = max(total_s - channel.wait_seconds, 0.0)

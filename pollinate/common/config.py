@@ -235,6 +235,9 @@ class SFPromptConfig:
     max_graph_bytes: int = _help("Bound on the activations the service keeps for pending backward passes",
                                  default=4 * 1024**3)
     call_timeout_s: float = _help("Deadline of each split-service call from a client", default=60.0)
+    tls_certs: str = _help(
+        "Directory from `pollinate keys init` (server.crt, server.key, ca.crt): serve the split plane over TLS; "
+        "`pollinate coordinator --certs` sets it; empty = plaintext (simulation on loopback)", default="")
 
     def __post_init__(self) -> None:
         _require(self.head_layers >= 1, "sfprompt.head_layers", self.head_layers, "an int >= 1")

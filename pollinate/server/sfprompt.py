@@ -114,6 +114,7 @@ class SFPrompt(StateFedAvg):
         self.tokens = TokenRegistry()
         self.server: grpc.Server | None = None
         self.address = ""
+        self.ca_pem = ""  # the split plane's CA, sent through Flower's authenticated channel
 
     def initial_arrays(self) -> ArrayRecord:
         return arrays_to_record(parameter_state(self.params))
@@ -121,11 +122,16 @@ class SFPrompt(StateFedAvg):
     # --- the split service ------------------------------------------------------------------------------
     def prepare(self, grid: Grid) -> None:
         sf = self.cfg.sfprompt
+        cert = key = None
+        if sf.tls_certs:  # activations can reveal inputs: off loopback, the split plane is TLS like Flower's
+            certs = Path(sf.tls_certs)
+            cert, key = (certs / "server.crt").read_bytes(), (certs / "server.key").read_bytes()
+            self.ca_pem = (certs / "ca.crt").read_text()
         self.server, port = start_split_server(
             self.parts.body, tokens=self.tokens, host=sf.host, port=sf.port,
             max_message_bytes=sf.max_message_bytes, session_ttl_s=sf.session_ttl_s,
             max_sessions=sf.max_sessions, max_graph_bytes=sf.max_graph_bytes,
-            hidden_size=self.parts.architecture.hidden_size,
+            hidden_size=self.parts.architecture.hidden_size, tls_cert_chain=cert, tls_private_key=key,
         )
         self.address = sf.public_address or f"{sf.host}:{port}"
         self.recorder.event("split_service", address=self.address, wire_dtype=sf.wire_dtype)
@@ -141,7 +147,7 @@ class SFPrompt(StateFedAvg):
             raise RuntimeError("the split service is not running: call prepare(grid) before round 1")
         token = self.tokens.issue(f"node-{node_id}", server_round, ttl_s=self.cfg.sfprompt.token_ttl_s)
         split = ConfigRecord({"address": self.address, "token": token,
-                              "wire-dtype": self.cfg.sfprompt.wire_dtype})
+                              "wire-dtype": self.cfg.sfprompt.wire_dtype, "ca-pem": self.ca_pem})
         return RecordDict({"arrays": arrays, "config": config, "split": split})
 
     def aggregate_train(self, server_round: int,
