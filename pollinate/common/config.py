@@ -171,7 +171,7 @@ class FedPipeConfig:
     score_batches: int = _help("Local batches used for importance scoring (|W * grad W|)", default=2)
     param_budget: int = _help(
         "Most adapter parameters a client trains (and sends) per round, on top of its memory and deadline "
-        "(0 = no cap); the planner spends it on the most important modules", default=100_000)
+        "(0 = no cap); the planner spends it on the most important modules", default=250_000)
     global_rank: int = _help("Rank the server keeps the global ΔW at per module (higher = exact longer)",
                              default=32)
     uplink_encoding: str = _help(f"Client->server delta encoding: {' | '.join(ENCODING_CHOICES)}", default="nf4")
