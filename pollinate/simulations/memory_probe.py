@@ -58,10 +58,14 @@ def main() -> None:
     lora = LoraConfig(r=args.rank, alpha=2.0 * args.rank, dropout=0.0, target_modules=FAMILY_ALL_LINEAR[info.family])
     model = wrap_with_lora(model, peft_lora_config(lora, info.family, "generation"))
     load_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    cuda_after_load = torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
     gc.collect()
     ctypes.CDLL("libc.so.6").malloc_trim(0)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    ids = torch.randint(0, model.config.vocab_size, (args.batch_size, args.seq_len))
+    ids = torch.randint(0, model.config.vocab_size, (args.batch_size, args.seq_len)).to(
+        next(p for p in model.parameters() if p.requires_grad).device)
     samples: list[float] = [_rss_mib()]
     done = threading.Event()
 
@@ -80,9 +84,13 @@ def main() -> None:
     done.set()
     sampler.join()
     peak = max(samples)
-    print(json.dumps({"bits": args.bits, "baseline_mib": round(baseline, 1), "train_peak_rss_mib": round(peak, 1),
-                      "peak_mib": round(peak - baseline, 1), "load_peak_mib": round(load_peak - baseline, 1),
-                      "seconds": round(time.perf_counter() - start, 2)}))
+    result = {"bits": args.bits, "baseline_mib": round(baseline, 1), "train_peak_rss_mib": round(peak, 1),
+              "peak_mib": round(peak - baseline, 1), "load_peak_mib": round(load_peak - baseline, 1),
+              "seconds": round(time.perf_counter() - start, 2)}
+    if torch.cuda.is_available():  # on a GPU the model lives in device memory: that is the peak that matters
+        result.update(cuda_weights_mib=round(cuda_after_load / 2**20, 1),
+                      cuda_train_peak_mib=round(torch.cuda.max_memory_allocated() / 2**20, 1))
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":
