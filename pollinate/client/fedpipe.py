@@ -167,11 +167,7 @@ def train(msg: Message, cfg: RunConfig, context: Context) -> RecordDict:
     start = apply_downlink(context, record_to_bytes(msg.content["arrays"]), shapes)
     load_adapter_state(model, start, adapter)
 
-    runtime.seed_everything(cfg, server_round, data.client_id)
-    batches = ExampleStream(data.encoded, int(plan["batch_size"]), runtime.tokenizer_for(cfg).pad_token_id,
-                            seed=cfg.federation.seed * 7919 + server_round * 31 + data.client_id)
-    stats = runtime.train_steps(model, batches, cfg.train.local_steps, cfg.train.lr, cfg.train.weight_decay,
-                                cfg.train.max_grad_norm)
+    stats = runtime.local_training(cfg, data, model, server_round, batch_size=int(plan["batch_size"]))
     trained = adapter_state(model, adapter)
     delta = {k: trained[k] - start[k] for k in trained}
 
@@ -181,9 +177,5 @@ def train(msg: Message, cfg: RunConfig, context: Context) -> RecordDict:
                               block_size=cfg.fedpipe.block_size)
     if cfg.fedpipe.error_feedback:
         _store_state_arrays(context, RESIDUAL_KEY, feedback.residuals)
-    timing = runtime.profile_reply(cfg, node_config, stats["train_seconds"])
-    metrics = MetricRecord({
-        "num-examples": data.num_examples, "client_id": data.client_id, "peak_rss_bytes": runtime.peak_rss_bytes(),
-        "compute_seconds": timing["compute_seconds"], "residual_norm": feedback.residual_norm(), **stats,
-    })
-    return RecordDict({"arrays": bytes_to_record(payload), "metrics": metrics, "profile": timing["profile"]})
+    return runtime.training_reply(cfg, node_config, data, stats, bytes_to_record(payload),
+                                  residual_norm=feedback.residual_norm())

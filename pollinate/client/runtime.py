@@ -159,3 +159,28 @@ def train_steps(model: torch.nn.Module, batches, steps: int, lr: float, weight_d
         optimizer.zero_grad(set_to_none=True)
         losses.append(float(loss.detach()))
     return {"train_loss": sum(losses) / len(losses), "train_seconds": time.perf_counter() - start}
+
+
+def local_training(cfg: RunConfig, data: LocalData, model: torch.nn.Module, server_round: int,
+                   batch_size: int | None = None) -> dict[str, float]:
+    """This client's round of local steps: seeded (same seed + round + client -> same batches and dropout)."""
+    from pollinate.common.data import ExampleStream
+
+    seed_everything(cfg, server_round, data.client_id)
+    batches = ExampleStream(data.encoded, batch_size or cfg.train.batch_size, tokenizer_for(cfg).pad_token_id,
+                            seed=cfg.federation.seed * 7919 + server_round * 31 + data.client_id)
+    return train_steps(model, batches, cfg.train.local_steps, cfg.train.lr, cfg.train.weight_decay,
+                       cfg.train.max_grad_norm)
+
+
+def training_reply(cfg: RunConfig, node_config: dict[str, Any], data: LocalData, stats: dict[str, float],
+                   arrays, **metrics: float):
+    """The reply every training method sends: its arrays, the metrics the report needs, and the profile."""
+    from flwr.app import MetricRecord, RecordDict
+
+    timing = profile_reply(cfg, node_config, stats["train_seconds"])
+    record = MetricRecord({
+        "num-examples": data.num_examples, "client_id": data.client_id, "peak_rss_bytes": peak_rss_bytes(),
+        "compute_seconds": timing["compute_seconds"], **stats, **metrics,
+    })
+    return RecordDict({"arrays": arrays, "metrics": record, "profile": timing["profile"]})
