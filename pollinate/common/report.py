@@ -118,14 +118,18 @@ class RunRecorder:
         self._metrics.close()
         return report
 
+
 def summary_table(report: dict[str, Any]) -> Table:
+    """Per-round summary for the terminal; narrow enough for 80 columns."""
     table = Table(title=f"{report['method']} on {report['task']} ({report['model']})")
-    for col in ("round", "train loss", "eval loss", "metric", "bytes up", "bytes down", "seconds"):
-        table.add_column(col, justify="right")
+    metric = headline_metric(report["rounds"][-1]["eval_metrics"])[0] if report["rounds"] else ""
+    for col in ("round", "train loss", "eval loss", metric.replace("_", " ") or "metric", "up", "down", "s"):
+        table.add_column(col, justify="right", no_wrap=True)
     for r in report["rounds"]:
-        table.add_row(str(r["round"]), _num(r['train_loss']), _num(r['eval_loss']),
-                      _headline(r["eval_metrics"]), human_bytes(r["bytes_up"]), human_bytes(r["bytes_down"]),
-                      f"{r['seconds']:.1f}")
+        value = r["eval_metrics"].get(metric)
+        table.add_row(str(r["round"]), _num(r["train_loss"]), _num(r["eval_loss"]),
+                      "-" if value is None else f"{value:.3f}", human_bytes(r["bytes_up"]),
+                      human_bytes(r["bytes_down"]), f"{r['seconds']:.1f}")
     return table
 
 
