@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -64,9 +65,7 @@ def fresh_factors(module: str, rank: int, in_features: int, out_features: int, s
 
 
 def hash_name(name: str) -> int:
-    import zlib
-
-    return zlib.crc32(name.encode())
+    return zlib.crc32(name.encode())  # stable across processes, unlike hash()
 
 
 def factors_for_client(global_factors: LoraFactors | None, module: str, rank: int, shape: tuple[int, int],
