@@ -201,6 +201,27 @@ def test_plans_respect_budgets_and_match_public_estimators(smollm2):
         assert plan.est_comm_s == pytest.approx(estimate_comm_seconds(smollm2, plan.ranks, profile, options))
 
 
+def test_spare_deadline_becomes_extra_local_steps_within_the_fill(smollm2):
+    options = PlanOptions(local_steps=5, max_local_steps=40, deadline_s=30.0, deadline_fill=0.8)
+    fixed = PlanOptions(local_steps=5, deadline_s=30.0)
+    profiles = list(TIER_PROFILES.values())
+    plans = plan_clients(profiles, _importance(smollm2), smollm2, options)
+    # Extra steps never change what is trained or sent: same modules, ranks, bits and batch.
+    for plan, base in zip(plans, plan_clients(profiles, _importance(smollm2), smollm2, fixed), strict=True):
+        assert (plan.ranks, plan.bits, plan.batch_size) == (base.ranks, base.bits, base.batch_size)
+        assert base.local_steps == 5 and 5 <= plan.local_steps <= 40
+        step_s = base.est_compute_s / 5
+        assert plan.est_compute_s == pytest.approx(plan.local_steps * step_s)
+        if plan.local_steps > 5:  # raised only within the fill, and as far as it goes
+            assert plan.est_compute_s + plan.est_comm_s <= 0.8 * 30.0 + 1e-9
+        if plan.local_steps < 40:
+            assert (plan.local_steps + 1) * step_s + plan.est_comm_s > 0.8 * 30.0
+    assert len({p.local_steps for p in plans}) > 1  # faster tiers get more steps
+    assert ClientPlan.from_dict(plans[0].to_dict()) == plans[0]
+    with pytest.raises(ValueError, match="max_local_steps"):
+        PlanOptions(max_local_steps=-1)
+
+
 def test_stronger_tiers_never_score_lower(smollm2):
     importance = _importance(smollm2)
     weak, medium, strong = (plan_client(TIER_PROFILES[t], importance, smollm2) for t in ("weak", "medium", "strong"))

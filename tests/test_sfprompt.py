@@ -28,6 +28,7 @@ from pollinate.client.split_channel import LocalBody, SplitCallError, SplitChann
 from pollinate.common.config import ConfigError, RunConfig, build_config
 from pollinate.common.data import ExampleStream, collate
 from pollinate.common.report import RunRecorder
+from pollinate.common.lmloss import answer_positions, shifted_targets
 from pollinate.common.splitmodel import IGNORE_INDEX, split_model, unsplit_forward
 from pollinate.server.sfprompt import PromptedSplitModel, SFPrompt
 
@@ -82,12 +83,15 @@ def test_el2n_classification_is_distance_of_softmax_to_one_hot():
     torch.testing.assert_close(el2n(logits, labels), expected)
 
 
-def test_el2n_causal_lm_averages_answer_tokens_after_the_prompt():
+def test_el2n_causal_lm_averages_the_answer_tokens_only():
     gen = torch.Generator().manual_seed(0)
     logits = torch.randn(2, PROMPT + 5, 6, generator=gen)
     labels = torch.tensor([[IGNORE_INDEX, IGNORE_INDEX, 3, 4, IGNORE_INDEX],
                            [IGNORE_INDEX, 2, 5, 0, 1]])
-    scores = el2n(logits, labels, num_prompt_tokens=PROMPT)
+    # What the tail's answers_only output holds: logits of the positions predicting an answer token + targets.
+    padded = torch.cat([torch.full((2, PROMPT), IGNORE_INDEX), labels], dim=1)
+    positions = answer_positions(padded)
+    scores = el2n(logits[:, positions], shifted_targets(padded, positions))
     for row in range(2):
         per_token = []
         for t in range(1, 5):  # token t is predicted at input position t - 1, i.e. PROMPT + t - 1 overall

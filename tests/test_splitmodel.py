@@ -112,6 +112,28 @@ def test_causal_lm_loss_ignores_prompt_positions():
     torch.testing.assert_close(out.loss, expected)
 
 
+def test_answers_only_tail_gives_the_full_tail_loss_and_gradients():
+    model = tiny_llama()
+    parts = split_model(model, 1, 1, num_prompt_tokens=PROMPT)
+    batch = padded_batch("llama")
+    batch["labels"][:, :4] = IGNORE_INDEX  # an instruction example: only the end is the answer
+    full = run_split(parts, batch)
+    full.loss.backward()
+    full_grads = grads_of(parts)
+    head_out = parts.head(batch["input_ids"], batch["attention_mask"])
+    body_out = parts.body(head_out.hidden, head_out.attention_mask)
+    kept = parts.tail(body_out, head_out.attention_mask, batch["labels"], answers_only=True)
+    kept.loss.backward()
+    kept_grads = grads_of(parts)
+    # Only the positions predicting tokens 4.. (after the prompt) are projected onto the vocabulary.
+    assert kept.logits.shape[:2] == kept.targets.shape and kept.logits.shape[1] < full.logits.shape[1]
+    torch.testing.assert_close(kept.loss, full.loss, atol=1e-6, rtol=0)
+    for name, grad in full_grads.items():
+        torch.testing.assert_close(kept_grads[name], grad, atol=1e-6, rtol=0, msg=name)
+    with pytest.raises(ValueError, match="answers_only needs labels"):
+        parts.tail(body_out, head_out.attention_mask, answers_only=True)
+
+
 def test_head_extends_mask_with_ones_for_prompt():
     parts = split_model(tiny_bert(), 1, 1, num_prompt_tokens=PROMPT)
     batch = padded_batch("bert")

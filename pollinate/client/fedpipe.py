@@ -167,7 +167,8 @@ def train(msg: Message, cfg: RunConfig, context: Context) -> RecordDict:
     start = apply_downlink(context, record_to_bytes(msg.content["arrays"]), shapes)
     load_adapter_state(model, start, adapter)
 
-    stats = runtime.local_training(cfg, data, model, server_round, batch_size=int(plan["batch_size"]))
+    stats = runtime.local_training(cfg, data, model, server_round, batch_size=int(plan["batch_size"]),
+                                   steps=int(plan.get("local_steps") or cfg.train.local_steps))
     trained = adapter_state(model, adapter)
     delta = {k: trained[k] - start[k] for k in trained}
 

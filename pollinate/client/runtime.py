@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from pollinate.common.config import RunConfig
+from pollinate.common.lmloss import training_loss
 from pollinate.common.data import encoder_for, load_task, partition_indices
 from pollinate.common.models import load_model, load_tokenizer, model_device, resolve_model
 
@@ -151,7 +152,7 @@ def train_steps(model: torch.nn.Module, batches, steps: int, lr: float, weight_d
     start = time.perf_counter()
     for _ in range(steps):
         batch = {k: v.to(device) for k, v in batches.next_batch().items()}
-        loss = model(**batch).loss
+        loss = training_loss(model, batch)
         loss.backward()
         if max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
@@ -162,14 +163,15 @@ def train_steps(model: torch.nn.Module, batches, steps: int, lr: float, weight_d
 
 
 def local_training(cfg: RunConfig, data: LocalData, model: torch.nn.Module, server_round: int,
-                   batch_size: int | None = None) -> dict[str, float]:
-    """This client's round of local steps: seeded (same seed + round + client -> same batches and dropout)."""
+                   batch_size: int | None = None, steps: int | None = None) -> dict[str, float]:
+    """This client's round of local steps (default ``train.local_steps``/``batch_size``): seeded, so the same
+    seed + round + client gives the same batches and dropout."""
     from pollinate.common.data import ExampleStream
 
     seed_everything(cfg, server_round, data.client_id)
     batches = ExampleStream(data.encoded, batch_size or cfg.train.batch_size, tokenizer_for(cfg).pad_token_id,
                             seed=cfg.federation.seed * 7919 + server_round * 31 + data.client_id)
-    return train_steps(model, batches, cfg.train.local_steps, cfg.train.lr, cfg.train.weight_decay,
+    return train_steps(model, batches, steps or cfg.train.local_steps, cfg.train.lr, cfg.train.weight_decay,
                        cfg.train.max_grad_norm)
 
 

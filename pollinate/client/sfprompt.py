@@ -71,25 +71,22 @@ def load_trainable_state(parts: SplitParts, state: dict[str, np.ndarray]) -> Non
 
 
 # --------------------------------------------------------------------------------------------- EL2N pruning
-def el2n(logits: torch.Tensor, labels: torch.Tensor, num_prompt_tokens: int = 0) -> torch.Tensor:
+def el2n(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """EL2N score per example: ‖softmax(f(x)) − onehot(y)‖₂ (Paul et al. 2021).
 
-    Classification: ``logits`` (B, C), ``labels`` (B,). Causal LM: ``logits`` (B, P+T, V) including the
-    prompt positions, ``labels`` (B, T) with ``IGNORE_INDEX`` outside the answer; the score is the mean
-    per-token EL2N over the answer tokens (0 for an example without any).
+    Classification: ``logits`` (B, C), ``labels`` (B,). Causal LM: ``logits`` (B, K, V) of the positions that
+    predict an answer token and ``labels`` (B, K) the tokens they predict (``IGNORE_INDEX`` elsewhere), as the
+    tail returns them with ``answers_only``; the score is the mean per-token EL2N over the answer tokens (0 for
+    an example without any).
     """
+    probs = logits.float().softmax(-1)
+    target = probs.gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    # ‖p − e_y‖² = Σp² − 2p_y + 1: no one-hot needed, which matters for a 49k vocabulary.
+    per_position = (probs.square().sum(-1) - 2 * target + 1).clamp_min(0).sqrt()
     if labels.dim() == 1:
-        probs = logits.float().softmax(-1)
-        target = probs.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
-        # ‖p − e_y‖² = Σp² − 2p_y + 1: no (B, C) one-hot needed, which matters for a 49k vocabulary.
-        return (probs.square().sum(-1) - 2 * target + 1).clamp_min(0).sqrt()
-    logits = logits[:, num_prompt_tokens:-1].float()  # position t predicts token t + 1
-    targets = labels[:, 1:]
-    answer = targets != IGNORE_INDEX
-    probs = logits.softmax(-1)
-    target = probs.gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1)
-    per_token = (probs.square().sum(-1) - 2 * target + 1).clamp_min(0).sqrt() * answer
-    return per_token.sum(-1) / answer.sum(-1).clamp_min(1)
+        return per_position
+    answer = labels != IGNORE_INDEX
+    return (per_position * answer).sum(-1) / answer.sum(-1).clamp_min(1)
 
 
 @torch.no_grad()
@@ -97,13 +94,12 @@ def el2n_scores(parts: SplitParts, encoded: list[dict[str, Any]], batch_size: in
     """EL2N of every example under the local model (head output straight into the tail, eval mode)."""
     parts.head.eval()
     parts.tail.eval()
-    num_prompt = parts.prompt.num_tokens if parts.prompt is not None else 0
     scores = []
     for start in range(0, len(encoded), batch_size):
         batch = collate(encoded[start: start + batch_size], pad_id)
         out = parts.head(batch["input_ids"], batch["attention_mask"])
-        logits = parts.tail(out.hidden, out.attention_mask).logits
-        scores.append(el2n(logits, batch["labels"], num_prompt))
+        tail = parts.tail(out.hidden, out.attention_mask, batch["labels"], answers_only=True)
+        scores.append(el2n(tail.logits, batch["labels"] if tail.targets is None else tail.targets))
     return torch.cat(scores).numpy()
 
 
@@ -157,7 +153,7 @@ def train_prompts_and_tail(parts: SplitParts, local: ExampleStream, local_steps:
     def step(batch: dict[str, torch.Tensor], through: BodyFn | None) -> float:
         head_out = parts.head(batch["input_ids"], batch["attention_mask"])
         hidden = head_out.hidden if through is None else through(head_out.hidden, head_out.attention_mask)
-        loss = parts.tail(hidden, head_out.attention_mask, batch["labels"]).loss
+        loss = parts.tail(hidden, head_out.attention_mask, batch["labels"], answers_only=True).loss
         loss.backward()
         if cfg.train.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)

@@ -172,6 +172,10 @@ class FedPipeConfig:
     param_budget: int = _help(
         "Most adapter parameters a client trains (and sends) per round, on top of its memory and deadline "
         "(0 = no cap); the planner spends it on the most important modules", default=250_000)
+    max_local_steps: int = _help(
+        "Most local steps a client trains when its plan leaves round deadline to spare (train.local_steps is "
+        "the minimum every plan must fit); its update costs the same bytes however many steps it took",
+        default=20)
     global_rank: int = _help("Rank the server keeps the global ΔW at per module (higher = exact longer)",
                              default=32)
     uplink_encoding: str = _help(f"Client->server delta encoding: {' | '.join(ENCODING_CHOICES)}", default="nf4")
@@ -192,6 +196,7 @@ class FedPipeConfig:
                  self.batch_sizes, "a non-empty list of ints >= 1")
         _require(self.score_batches >= 1, "fedpipe.score_batches", self.score_batches, "an int >= 1")
         _require(self.param_budget >= 0, "fedpipe.param_budget", self.param_budget, "an int >= 0")
+        _require(self.max_local_steps >= 0, "fedpipe.max_local_steps", self.max_local_steps, "an int >= 0")
         _require(self.global_rank >= 1, "fedpipe.global_rank", self.global_rank, "an int >= 1")
         _one_of("fedpipe.uplink_encoding", self.uplink_encoding, ENCODING_CHOICES)
         _one_of("fedpipe.downlink_encoding", self.downlink_encoding, ENCODING_CHOICES)

@@ -24,9 +24,8 @@ import torch
 from torch import nn
 from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
 
+from pollinate.common.lmloss import IGNORE_INDEX, answer_positions, shifted_targets, token_cross_entropy
 from pollinate.protos import split_pb2
-
-IGNORE_INDEX = -100  # what Hugging Face losses skip
 
 PromptInit = Literal["vocab-sample", "random"]
 
@@ -125,10 +124,15 @@ class HeadOutput:
 
 @dataclass
 class TailOutput:
-    """Loss (None without labels) and logits of the tail."""
+    """Loss (None without labels) and logits of the tail.
+
+    With ``answers_only`` the logits are those of the positions that predict a labelled token, (B, K, V), and
+    ``targets`` (B, K) holds the token each one predicts (``IGNORE_INDEX`` where that row has none).
+    """
 
     loss: torch.Tensor | None
     logits: torch.Tensor
+    targets: torch.Tensor | None = None
 
 
 @dataclass
@@ -349,23 +353,36 @@ class LlamaSplitTail(nn.Module):
         self._vocab_size = model.config.vocab_size
 
     def forward(
-        self, hidden: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor | None = None
+        self, hidden: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor | None = None,
+        answers_only: bool = False,
     ) -> TailOutput:
+        """``answers_only`` (needs ``labels``): run the LM head only where a labelled token is predicted —
+        the same loss at a fraction of the compute and memory (see ``pollinate.common.lmloss``)."""
         hidden = self.norm(self.blocks(hidden, attention_mask))
+        if labels is None:
+            if answers_only:
+                raise ValueError("answers_only needs labels: they say which positions are answers")
+            return TailOutput(None, self.lm_head(hidden))
+        labels = self._with_prompt_positions(labels, hidden)
+        if answers_only:
+            positions = answer_positions(labels)
+            targets = shifted_targets(labels, positions)
+            logits = self.lm_head(hidden[:, positions])
+            return TailOutput(token_cross_entropy(logits, targets), logits, targets)
         logits = self.lm_head(hidden)
-        loss = None
-        if labels is not None:
-            expected = hidden.shape[1] - self.num_prompt_tokens
-            if labels.shape != (hidden.shape[0], expected):
-                raise ValueError(
-                    f"labels have shape {tuple(labels.shape)}, expected {(hidden.shape[0], expected)} "
-                    f"(one per input token; the {self.num_prompt_tokens} prompt positions are added here)"
-                )
-            pad = torch.full((labels.shape[0], self.num_prompt_tokens), IGNORE_INDEX, dtype=labels.dtype,
-                             device=labels.device)
-            loss = self._loss_function(logits=logits, labels=torch.cat([pad, labels], dim=1),
-                                       vocab_size=self._vocab_size)
-        return TailOutput(loss, logits)
+        return TailOutput(self._loss_function(logits=logits, labels=labels, vocab_size=self._vocab_size), logits)
+
+    def _with_prompt_positions(self, labels: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        """Labels padded with ``IGNORE_INDEX`` over the prompt positions, after checking their shape."""
+        expected = hidden.shape[1] - self.num_prompt_tokens
+        if labels.shape != (hidden.shape[0], expected):
+            raise ValueError(
+                f"labels have shape {tuple(labels.shape)}, expected {(hidden.shape[0], expected)} "
+                f"(one per input token; the {self.num_prompt_tokens} prompt positions are added here)"
+            )
+        pad = torch.full((labels.shape[0], self.num_prompt_tokens), IGNORE_INDEX, dtype=labels.dtype,
+                         device=labels.device)
+        return torch.cat([pad, labels], dim=1)
 
 
 @register_split_architecture("LlamaForCausalLM")
@@ -463,8 +480,10 @@ class BertSplitTail(nn.Module):
         self._config = model.config
 
     def forward(
-        self, hidden: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor | None = None
+        self, hidden: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor | None = None,
+        answers_only: bool = False,
     ) -> TailOutput:
+        """``answers_only`` changes nothing here: a classifier has one logit row per example."""
         pooled = self.pooler(self.blocks(hidden, attention_mask))
         logits = self.classifier(self.dropout(pooled))
         loss = None

@@ -112,7 +112,7 @@ class FedPipe(PollinateStrategy):
         return PlanOptions(
             ranks=tuple(sorted({0, *fp.ranks})), bits=tuple(fp.bits), batch_sizes=tuple(fp.batch_sizes),
             seq_len=self.cfg.model.max_seq_len, local_steps=self.cfg.train.local_steps,
-            deadline_s=self.cfg.federation.deadline_s,
+            max_local_steps=fp.max_local_steps, deadline_s=self.cfg.federation.deadline_s,
             update_bytes_per_param=WIRE_BYTES_PER_PARAM.get(fp.uplink_encoding, 4.0),
             max_adapter_params=fp.param_budget or math.inf,
         )
@@ -203,7 +203,8 @@ class FedPipe(PollinateStrategy):
             key_a, key_b = lora_keys(module)
             target[key_a], target[key_b] = factors.a.astype(np.float32), factors.b.astype(np.float32)
         payload = self._encode_downlink(client, target)
-        plan_json = json.dumps({"ranks": plan.ranks, "bits": plan.bits, "batch_size": plan.batch_size})
+        plan_json = json.dumps({"ranks": plan.ranks, "bits": plan.bits, "batch_size": plan.batch_size,
+                                "local_steps": plan.local_steps})
         config = ConfigRecord({**dict(config), "plan": plan_json})
         return RecordDict({"arrays": bytes_to_record(payload), "config": config})
 
@@ -320,7 +321,7 @@ class FedPipe(PollinateStrategy):
 def _plan_summary(plan: ClientPlan) -> dict[str, Any]:
     ranks = list(plan.ranks.values())
     return {"modules": len(ranks), "ranks": dict(sorted({r: ranks.count(r) for r in ranks}.items())),
-            "bits": plan.bits, "batch_size": plan.batch_size,
+            "bits": plan.bits, "batch_size": plan.batch_size, "local_steps": plan.local_steps,
             "est_memory_mib": round(plan.est_memory_bytes / 2**20, 1),
             "est_compute_s": round(plan.est_compute_s, 2), "est_comm_s": round(plan.est_comm_s, 2)}
 

@@ -328,7 +328,13 @@ class PlanOptions:
     seq_len : int, default 128
         Tokens per sequence.
     local_steps : int, default 10
-        Optimizer steps per round.
+        Optimizer steps per round: every plan must fit the deadline with this many.
+    max_local_steps : int, default 0
+        When above ``local_steps``, a client whose plan leaves deadline to spare trains more steps, up to this
+        many, filling ``deadline_fill`` of the deadline: the update it sends costs the same bytes whatever
+        the steps, so spare compute is free progress per byte (0 = always ``local_steps``).
+    deadline_fill : float, default 0.8
+        Share of the deadline the extra steps may fill (headroom for estimate error).
     deadline_s : float, default 120.0
         Round deadline: local compute plus adapter download and upload.
     utilization : float, default 0.7
@@ -359,6 +365,8 @@ class PlanOptions:
     batch_sizes: tuple[int, ...] = (1, 2, 4, 8)
     seq_len: int = 128
     local_steps: int = 10
+    max_local_steps: int = 0
+    deadline_fill: float = 0.8
     deadline_s: float = 120.0
     utilization: float = 0.7
     update_bytes_per_param: float = 4.0
@@ -392,6 +400,10 @@ class PlanOptions:
             value = getattr(self, name)
             if not math.isfinite(value) or value <= 0:
                 raise ValueError(f"PlanOptions.{name} must be > 0, got {value!r}")
+        if not isinstance(self.max_local_steps, int) or self.max_local_steps < 0:
+            raise ValueError(f"PlanOptions.max_local_steps must be an int >= 0, got {self.max_local_steps!r}")
+        if not 0 < self.deadline_fill <= 1:
+            raise ValueError(f"PlanOptions.deadline_fill must be in (0, 1], got {self.deadline_fill!r}")
         if not 0 < self.utilization <= 1:
             raise ValueError(f"PlanOptions.utilization must be in (0, 1], got {self.utilization!r}")
         if not self.max_adapter_params > 0:
@@ -425,6 +437,8 @@ class ClientPlan:
         Cost-model estimates: peak training memory, local compute per round, adapter down + up per round.
     objective : float
         The planner's objective value for this plan.
+    local_steps : int
+        Optimizer steps per round (0 in plans from before the planner chose them: the run's default).
     """
 
     client_id: str
@@ -435,6 +449,7 @@ class ClientPlan:
     est_compute_s: float
     est_comm_s: float
     objective: float
+    local_steps: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable dict."""
@@ -444,7 +459,7 @@ class ClientPlan:
     def from_dict(cls, data: Mapping[str, Any]) -> ClientPlan:
         """Inverse of :meth:`to_dict`; raises ``ValueError`` naming a missing or unknown key."""
         names = [f.name for f in fields(cls)]
-        missing = [n for n in names if n not in data]
+        missing = [n for n in names if n not in data and n != "local_steps"]
         unknown = sorted(set(data) - set(names))
         if missing or unknown:
             raise ValueError(f"ClientPlan dict: missing keys {missing}, unknown keys {unknown}")
@@ -461,6 +476,7 @@ class ClientPlan:
             est_compute_s=float(data["est_compute_s"]),
             est_comm_s=float(data["est_comm_s"]),
             objective=float(data["objective"]),
+            local_steps=int(data.get("local_steps", 0)),
         )
 
     def lora_config_kwargs(self) -> dict[str, Any]:
@@ -718,21 +734,35 @@ def plan_clients(profiles: Sequence[ResourceProfile], importance: Mapping[str, f
         j = int(chosen[u])
         bits, batch = combos[j]
         nbytes = options.update_bytes_per_param * n_params[u]
+        comm_s = comm_seconds(nbytes, nbytes, profiles[first[u]])
+        step_s = float((flops[j, 0] + flops[j, 1] * n_params[u]) / speed[u, j]) / options.local_steps
+        steps = local_steps_to_fill(step_s, comm_s, options)
         unique_plans.append(ClientPlan(
             client_id="",
             ranks={name: r for name, r in zip(names, ranks_table[u], strict=True) if r},
             batch_size=batch,
             bits=bits,
             est_memory_bytes=float(fixed_mem[j] + options.adapter_state_bytes_per_param * n_params[u]),
-            est_compute_s=float((flops[j, 0] + flops[j, 1] * n_params[u]) / speed[u, j]),
-            est_comm_s=comm_seconds(nbytes, nbytes, profiles[first[u]]),
+            est_compute_s=steps * step_s,
+            est_comm_s=comm_s,
             objective=objective[u],
+            local_steps=steps,
         ))
     return [
         ClientPlan(**{**_shallow_fields(unique_plans[u]), "client_id": str(cid),
                       "ranks": dict(unique_plans[u].ranks)})
         for cid, u in zip(client_ids, owner, strict=True)
     ]
+
+
+def local_steps_to_fill(step_seconds: float, comm_seconds_: float, options: PlanOptions) -> int:
+    """Steps a feasible plan trains: ``local_steps``, raised towards ``max_local_steps`` while the estimated
+    round stays within ``deadline_fill`` of the deadline."""
+    if options.max_local_steps <= options.local_steps:
+        return options.local_steps
+    room = options.deadline_fill * options.deadline_s - comm_seconds_
+    fits = int(room // step_seconds) if step_seconds > 0 else options.max_local_steps
+    return max(options.local_steps, min(options.max_local_steps, fits))
 
 
 def _shallow_fields(plan: ClientPlan) -> dict[str, Any]:

@@ -52,6 +52,8 @@ def summarize(report: dict[str, Any], baseline_final_loss: float) -> dict[str, A
         "mean_round_seconds": sum(r["seconds"] for r in rounds) / len(rounds),
         "mean_client_round_seconds": _mean([c["round_seconds"] for c in clients if "round_seconds" in c]),
         "max_client_peak_rss_bytes": max((c.get("peak_rss_bytes", 0) for c in clients), default=0),
+        # What the devices computed, summed over clients and rounds (split methods: without the server's body).
+        "client_compute_seconds": sum(c.get("client_compute_seconds", c.get("train_seconds", 0.0)) for c in clients),
         "under_training_rate": _mean(under),
     }
 
@@ -75,20 +77,24 @@ def probe_memory(model: str, bits: list[int], rank: int, batch_size: int, seq_le
 
 def write_bench(out: Path, rows: list[dict[str, Any]], reports: dict[str, dict], memory: dict | None) -> None:
     baseline = rows[0]
+    full = next((r for r in rows if r["method"] == "fedavg-full"), None)
     lines = ["# Pollinate bench", "",
              f"Same model, data, partition, seeds and scenario for every method; baseline: `{baseline['method']}`.",
              "", "| method | bytes up | bytes down | total | × baseline | bytes to baseline loss | final eval loss |"
-             " metric | round s | client round s | peak RSS | under-training |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             " metric | round s | client round s | client compute s | × fedavg-full | peak RSS | under-training |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in rows:
         ratio = row["bytes_total"] / baseline["bytes_total"]
         reach = "not reached" if row["bytes_to_baseline_loss"] is None else human_bytes(row["bytes_to_baseline_loss"])
         under = "-" if row["under_training_rate"] is None else f"{row['under_training_rate']:.2f}"
         client_s = "-" if row["mean_client_round_seconds"] is None else f"{row['mean_client_round_seconds']:.1f}"
+        compute_rel = (f"{row['client_compute_seconds'] / full['client_compute_seconds']:.3f}"
+                       if full and full["client_compute_seconds"] else "-")
         lines.append(
             f"| {row['method']} | {human_bytes(row['bytes_up'])} | {human_bytes(row['bytes_down'])} | "
             f"{human_bytes(row['bytes_total'])} | {ratio:.3f} | {reach} | {row['final_eval_loss']:.4f} | "
             f"{row['metric']} {row['final_metric']:.3f} | {row['mean_round_seconds']:.1f} | {client_s} | "
+            f"{row['client_compute_seconds']:.1f} | {compute_rel} | "
             f"{row['max_client_peak_rss_bytes'] / 2**20:.0f} MiB | {under} |")
     if memory:
         lines += ["", "Client peak training memory by base precision (fresh process each; MiB above the process "

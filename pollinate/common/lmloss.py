@@ -1,0 +1,59 @@
+"""Causal-LM loss computed only where it is defined: the logits of positions that predict a labelled token.
+
+Instruction data labels only the answer (prompt positions carry ``IGNORE_INDEX``), yet a plain
+``model(**batch).loss`` projects every position onto the vocabulary: for SmolLM2 that is a 49,152-wide fp32
+row per token, the largest activation of a training step (and, with the LM head, ~21% of its forward FLOPs).
+Projecting only the positions whose next token is labelled gives the same loss — the ignored positions
+contribute nothing to Hugging Face's mean either — at a fraction of the memory and compute. Hugging Face's
+``logits_to_keep`` (a 1-D tensor of sequence positions) does the projection part; the shift and the
+cross-entropy are the ones HF's ``ForCausalLMLoss`` uses (labels shifted left by one, fp32 logits, mean over
+labelled tokens).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100  # what Hugging Face losses skip
+
+
+def answer_positions(labels: torch.Tensor) -> torch.Tensor:
+    """Sequence positions (1-D, ascending) whose next token is labelled in at least one row of ``labels``."""
+    if labels.dim() != 2:
+        raise ValueError(f"labels of shape {tuple(labels.shape)}: expected (batch, seq_len) token labels")
+    return (labels[:, 1:] != IGNORE_INDEX).any(0).nonzero().squeeze(-1)
+
+
+def shifted_targets(labels: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """The token each kept position predicts: ``labels[:, p + 1]`` (``IGNORE_INDEX`` where a row has none)."""
+    return labels[:, positions + 1]
+
+
+def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over the labelled entries of ``targets`` (logits upcast to fp32, as HF does)."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
+
+
+def is_token_labelled(batch: Mapping[str, torch.Tensor]) -> bool:
+    """True for causal-LM batches (per-token labels), False for classification (one label per example)."""
+    labels = batch.get("labels")
+    return labels is not None and labels.dim() == 2
+
+
+def training_loss(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """``model(**batch).loss``, with the LM head run only on answer positions for causal-LM batches.
+
+    Classification batches, and batches without any labelled token, take the model's own loss unchanged.
+    """
+    if not is_token_labelled(batch):
+        return model(**batch).loss
+    labels = batch["labels"]
+    positions = answer_positions(labels)
+    if positions.numel() == 0:
+        return model(**batch).loss
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    logits = model(**inputs, logits_to_keep=positions, use_cache=False).logits
+    return token_cross_entropy(logits, shifted_targets(labels, positions))
