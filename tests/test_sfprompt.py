@@ -27,8 +27,8 @@ from pollinate.client.sfprompt import (
 from pollinate.client.split_channel import LocalBody, SplitCallError, SplitChannel
 from pollinate.common.config import ConfigError, RunConfig, build_config
 from pollinate.common.data import ExampleStream, collate
-from pollinate.common.report import RunRecorder
 from pollinate.common.lmloss import answer_positions, shifted_targets
+from pollinate.common.report import RunRecorder
 from pollinate.common.splitmodel import IGNORE_INDEX, split_model, unsplit_forward
 from pollinate.server.sfprompt import PromptedSplitModel, SFPrompt
 

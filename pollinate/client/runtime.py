@@ -15,8 +15,8 @@ from typing import Any
 import torch
 
 from pollinate.common.config import RunConfig
-from pollinate.common.lmloss import training_loss
 from pollinate.common.data import encoder_for, load_task, partition_indices
+from pollinate.common.lmloss import training_loss
 from pollinate.common.models import load_model, load_tokenizer, model_device, resolve_model
 
 _CACHE: dict[tuple, Any] = {}

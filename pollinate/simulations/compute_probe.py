@@ -4,8 +4,8 @@
 client's SFPrompt round in process — EL2N over its data, the local-loss steps, the split steps through an
 in-process body (``LocalBody``: the service's own handlers, no network) — and then the same optimizer steps on
 the same batches with the whole model trainable (what a ``fedavg-full`` client computes). Every phase is
-counted with the formulas of torch's ``FlopCounterMode`` (matmul/attention FLOPs, forward and backward); the body's share is
-counted separately and is the server's. Prints one JSON line.
+counted with the formulas of torch's ``FlopCounterMode`` (matmul/attention FLOPs, forward and backward); the
+body's share is counted separately and is the server's. Prints one JSON line.
 
 Counting every op costs 10–50% wall time, which would be billed to a client's deadline, so simulations do
 not count FLOPs; this probe does, once, for the configuration given.
