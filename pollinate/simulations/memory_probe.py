@@ -36,10 +36,13 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--answer-tokens", type=int, default=16,
+                        help="labelled tokens at the end of each sequence, as in instruction data (0 = all)")
     args = parser.parse_args()
 
     from pollinate.common.adapters import peft_lora_config, wrap_with_lora
     from pollinate.common.config import LoraConfig
+    from pollinate.common.lmloss import IGNORE_INDEX, training_loss
     from pollinate.common.models import FAMILY_ALL_LINEAR, load_model, resolve_model
 
     info = resolve_model(args.model)
@@ -76,15 +79,19 @@ def main() -> None:
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
+    labels = ids.clone()
+    if args.answer_tokens:  # instruction data: only the answer is labelled (the loss projects only those)
+        labels[:, : max(args.seq_len - args.answer_tokens, 0)] = IGNORE_INDEX
     for _ in range(args.steps):
-        loss = model(input_ids=ids, labels=ids).loss
+        loss = training_loss(model, {"input_ids": ids, "labels": labels})
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     done.set()
     sampler.join()
     peak = max(samples)
-    result = {"bits": args.bits, "baseline_mib": round(baseline, 1), "train_peak_rss_mib": round(peak, 1),
+    result = {"bits": args.bits, "batch_size": args.batch_size, "answer_tokens": args.answer_tokens,
+              "baseline_mib": round(baseline, 1), "train_peak_rss_mib": round(peak, 1),
               "peak_mib": round(peak - baseline, 1), "load_peak_mib": round(load_peak - baseline, 1),
               "seconds": round(time.perf_counter() - start, 2)}
     if torch.cuda.is_available():  # on a GPU the model lives in device memory: that is the peak that matters
