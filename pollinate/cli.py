@@ -74,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_options(bench)
     bench.add_argument("--methods", default="fedavg-lora,fedpipe",
                        help="comma-separated methods; the first is the baseline (default fedavg-lora,fedpipe)")
+    bench.add_argument("--method-set", action="append", default=[], metavar="METHOD:SECTION.KEY=VALUE",
+                       help="an override for one method only, e.g. 'fedavg-full:train.lr=1e-4' (full fine-tuning "
+                            "wants a smaller step than LoRA); repeatable. Data, partition, seeds stay shared")
     bench.add_argument("--memory-probe", action="store_true",
                        help="also measure one client's peak training memory per base precision (32/8/4 bits)")
 
@@ -111,6 +114,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     unknown = [m for m in methods if m not in METHODS]
     if not methods or unknown:
         raise ConfigError(f"--methods {args.methods!r}: unknown {unknown}; expected some of {sorted(METHODS)}")
+    per_method = method_overrides(args.method_set, methods)
     out_dir = args.out
     args.out, args.method = None, None
     cfg = config_from_args(args)  # validates everything once, before any run starts
@@ -118,6 +122,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     for flag in ("model", "data", "clients", "rounds", "seed", "scenario"):
         if getattr(args, flag) is not None:
             run_args += [f"--{flag}", str(getattr(args, flag))]
+    for overrides in per_method.values():
+        build_config(args.config, [*args.set, *overrides])  # each method's own config must validate too
     from pathlib import Path
 
     out = Path(out_dir or f"runs/bench-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -126,9 +132,22 @@ def cmd_bench(args: argparse.Namespace) -> int:
         probe = {"model": cfg.model.name, "bits": [32, 8, 4], "rank": cfg.lora.r,
                  "batch_size": cfg.train.batch_size, "seq_len": cfg.model.max_seq_len}
     print(f"bench: {', '.join(methods)} on {cfg.model.name} / {cfg.data.source} -> {out}", file=sys.stderr)
-    bench(methods, run_args, out, probe)
+    bench(methods, run_args, out, probe, per_method)
     print((out / "bench.md").read_text())
     return 0
+
+
+def method_overrides(items: list[str], methods: list[str]) -> dict[str, list[str]]:
+    """``METHOD:section.key=value`` items grouped by method; the method must be one being benched."""
+    grouped: dict[str, list[str]] = {}
+    for item in items:
+        method, sep, override = item.partition(":")
+        if not sep or "=" not in override:
+            raise ConfigError(f"--method-set {item!r}: expected METHOD:section.key=value")
+        if method not in methods:
+            raise ConfigError(f"--method-set {item!r}: method {method!r} is not in --methods {methods}")
+        grouped.setdefault(method, []).append(override)
+    return grouped
 
 
 def config_and_resume(args: argparse.Namespace) -> tuple[RunConfig, Path | None]:

@@ -26,9 +26,25 @@ def test_table_relates_client_compute_to_federated_full_finetuning(tmp_path):
                "sfprompt": report("sfprompt", [1.1, 0.7], 300, 1.5, key="client_compute_seconds")}
     rows = [summarize(r, 0.8) for r in reports.values()]
     assert rows[1]["client_compute_seconds"] == 3.0 and rows[1]["bytes_to_baseline_loss"] == 1200
-    write_bench(tmp_path, rows, reports, None)
+    write_bench(tmp_path, rows, reports, None, {"fedavg-full": ["train.lr=1e-4"]})
     table = (tmp_path / "bench.md").read_text()
+    assert "Only for `fedavg-full`: `train.lr=1e-4`." in table
     sf_row = next(line for line in table.splitlines() if line.startswith("| sfprompt"))
     assert "| 0.150 |" in sf_row and "| 0.300 |" in sf_row  # compute 3/20 s and bytes 1200/4000 of fedavg-full
     assert json.loads((tmp_path / "bench.json").read_text())["rows"][1]["method"] == "sfprompt"
     assert (tmp_path / "bench_loss_vs_bytes.png").stat().st_size > 0
+
+
+def test_method_overrides_are_grouped_and_checked():
+    import pytest
+
+    from pollinate.cli import method_overrides
+    from pollinate.common.config import ConfigError
+
+    got = method_overrides(["fedavg-full:train.lr=1e-4", "fedavg-full:train.local_steps=3", "sfprompt:x.y=1"],
+                           ["fedavg-full", "sfprompt"])
+    assert got == {"fedavg-full": ["train.lr=1e-4", "train.local_steps=3"], "sfprompt": ["x.y=1"]}
+    with pytest.raises(ConfigError, match="not in --methods"):
+        method_overrides(["fedpipe:train.lr=1"], ["fedavg-full"])
+    with pytest.raises(ConfigError, match="expected METHOD:section.key=value"):
+        method_overrides(["train.lr=1"], ["fedavg-full"])

@@ -75,11 +75,14 @@ def probe_memory(model: str, bits: list[int], rank: int, batch_size: int, seq_le
     return results
 
 
-def write_bench(out: Path, rows: list[dict[str, Any]], reports: dict[str, dict], memory: dict | None) -> None:
+def write_bench(out: Path, rows: list[dict[str, Any]], reports: dict[str, dict], memory: dict | None,
+                per_method: dict[str, list[str]] | None = None) -> None:
     baseline = rows[0]
     full = next((r for r in rows if r["method"] == "fedavg-full"), None)
     lines = ["# Pollinate bench", "",
              f"Same model, data, partition, seeds and scenario for every method; baseline: `{baseline['method']}`.",
+             *[f"Only for `{m}`: " + ", ".join(f"`{o}`" for o in overrides) + "."
+               for m, overrides in (per_method or {}).items()],
              "", "| method | bytes up | bytes down | total | × baseline | bytes to baseline loss | final eval loss |"
              " metric | round s | client round s | client compute s | × fedavg-full | peak RSS | under-training |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -106,7 +109,8 @@ def write_bench(out: Path, rows: list[dict[str, Any]], reports: dict[str, dict],
     lines += ["", "![eval loss vs bytes](bench_loss_vs_bytes.png)"]
     _plot(out, reports)
     atomic_write_text(out / "bench.md", "\n".join(lines) + "\n")
-    atomic_write_text(out / "bench.json", json.dumps({"rows": rows, "memory": memory}, indent=2))
+    atomic_write_text(out / "bench.json", json.dumps({"rows": rows, "memory": memory, "per_method": per_method or {}},
+                                                     indent=2))
 
 
 def _plot(out: Path, reports: dict[str, dict]) -> None:
@@ -132,11 +136,15 @@ def _plot(out: Path, reports: dict[str, dict]) -> None:
     plt.close(fig)
 
 
-def bench(methods: list[str], run_args: list[str], out: Path, memory_probe: dict | None = None) -> list[dict]:
+def bench(methods: list[str], run_args: list[str], out: Path, memory_probe: dict | None = None,
+          per_method: dict[str, list[str]] | None = None) -> list[dict]:
+    """Run every method (``per_method``: extra ``--set`` overrides for one method) and write the comparison."""
     out.mkdir(parents=True, exist_ok=True)
-    reports = {m: run_method(m, run_args, out / m) for m in methods}
+    per_method = per_method or {}
+    reports = {m: run_method(m, [*run_args, *sum((["--set", o] for o in per_method.get(m, [])), [])], out / m)
+               for m in methods}
     baseline_loss = reports[methods[0]]["rounds"][-1]["eval_loss"]
     rows = [summarize(reports[m], baseline_loss) for m in methods]
     memory = probe_memory(**memory_probe) if memory_probe else None
-    write_bench(out, rows, reports, memory)
+    write_bench(out, rows, reports, memory, per_method)
     return rows
