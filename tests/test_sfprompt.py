@@ -332,7 +332,7 @@ def check_split_report(report: dict, method_extra: str) -> None:
             assert c["bytes_up"] == c["flower_bytes_up"] + c["split_bytes_up"]
             assert c["bytes_down"] == c["flower_bytes_down"] + c["split_bytes_down"]
             assert 0 < c["kept_examples"] <= c["num_examples"]
-            assert 0 < c["client_compute_share"] <= 1
+            assert 0 < c["client_time_share"] <= 1
         assert r["split_bytes_up"] == sum(c["split_bytes_up"] for c in r["clients"])
         assert r["bytes_up"] == sum(c["bytes_up"] for c in r["clients"])
     assert report["totals"]["bytes_up"] == sum(r["bytes_up"] for r in report["rounds"])

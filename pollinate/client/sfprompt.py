@@ -205,7 +205,7 @@ def train(msg: Message, cfg: RunConfig, context: Context) -> RecordDict:
         "peak_rss_bytes": runtime.peak_rss_bytes(), "train_seconds": total_s,
         "compute_seconds": timing["compute_seconds"] + channel.wait_seconds,
         "client_compute_seconds": client_s, "split_wait_seconds": channel.wait_seconds,
-        "client_compute_share": client_s / total_s if total_s > 0 else 1.0,
+        "client_time_share": client_s / total_s if total_s > 0 else 1.0,
         "kept_examples": len(kept), "local_steps": local_steps, "split_steps": split_steps,
         "split_bytes_up": channel.bytes_up, "split_bytes_down": channel.bytes_down,
         "el2n_mean_kept": float(scores[kept].mean()), "el2n_mean_all": float(scores.mean()),

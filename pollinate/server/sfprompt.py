@@ -35,7 +35,7 @@ from pollinate.server.evaluation import ServerEvaluator
 from pollinate.server.split_service import TokenRegistry, start_split_server
 from pollinate.server.strategy import StateFedAvg
 
-SPLIT_FIELDS = ("split_bytes_up", "split_bytes_down", "kept_examples", "client_compute_share",
+SPLIT_FIELDS = ("split_bytes_up", "split_bytes_down", "kept_examples", "client_time_share",
                 "client_compute_seconds", "split_wait_seconds", "local_steps", "split_steps", "local_loss",
                 "split_loss")
 
@@ -181,8 +181,8 @@ class SFPrompt(StateFedAvg):
         accepted = [c for c in self._clients if not c.get("rejected")]
         totals: dict[str, Any] = {key: sum(int(c.get(key, 0)) for c in self._clients)
                                   for key in ("split_bytes_up", "split_bytes_down", "kept_examples")}
-        shares = [c["client_compute_share"] for c in accepted if "client_compute_share" in c]
-        totals["client_compute_share"] = float(np.mean(shares)) if shares else None
+        shares = [c["client_time_share"] for c in accepted if "client_time_share" in c]
+        totals["client_time_share"] = float(np.mean(shares)) if shares else None
         return totals
 
     def save_final(self, arrays: ArrayRecord) -> dict[str, Any]:
