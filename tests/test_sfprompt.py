@@ -17,6 +17,7 @@ from transformers import BertConfig, BertForSequenceClassification, LlamaConfig,
 
 from pollinate.client.sfprompt import (
     el2n,
+    el2n_per_example,
     el2n_scores,
     keep_top,
     load_trainable_state,
@@ -27,7 +28,6 @@ from pollinate.client.sfprompt import (
 from pollinate.client.split_channel import LocalBody, SplitCallError, SplitChannel
 from pollinate.common.config import ConfigError, RunConfig, build_config
 from pollinate.common.data import ExampleStream, collate
-from pollinate.common.lmloss import answer_positions, shifted_targets
 from pollinate.common.report import RunRecorder
 from pollinate.common.splitmodel import IGNORE_INDEX, split_model, unsplit_forward
 from pollinate.server.sfprompt import PromptedSplitModel, SFPrompt
@@ -84,21 +84,25 @@ def test_el2n_classification_is_distance_of_softmax_to_one_hot():
 
 
 def test_el2n_causal_lm_averages_the_answer_tokens_only():
-    gen = torch.Generator().manual_seed(0)
-    logits = torch.randn(2, PROMPT + 5, 6, generator=gen)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                         num_attention_heads=4, num_key_value_heads=2)).eval()
+    parts = split_model(model, 1, 1, num_prompt_tokens=PROMPT)
     labels = torch.tensor([[IGNORE_INDEX, IGNORE_INDEX, 3, 4, IGNORE_INDEX],
-                           [IGNORE_INDEX, 2, 5, 0, 1]])
-    # What the tail's answers_only output holds: logits of the positions predicting an answer token + targets.
-    padded = torch.cat([torch.full((2, PROMPT), IGNORE_INDEX), labels], dim=1)
-    positions = answer_positions(padded)
-    scores = el2n(logits[:, positions], shifted_targets(padded, positions))
-    for row in range(2):
+                           [IGNORE_INDEX, 2, 5, 0, 1],
+                           [IGNORE_INDEX] * 5])
+    ids = torch.randint(1, VOCAB, (3, 5), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        out = parts.head(ids)
+        full = parts.tail(out.hidden, out.attention_mask).logits  # (B, PROMPT + 5, V)
+        scores = el2n_per_example(parts.tail(out.hidden, out.attention_mask, labels, answers_only=True), labels)
+    for row in range(3):
         per_token = []
         for t in range(1, 5):  # token t is predicted at input position t - 1, i.e. PROMPT + t - 1 overall
             if labels[row, t] != IGNORE_INDEX:
-                p = logits[row, PROMPT + t - 1].softmax(-1)
-                per_token.append(float((p - torch.nn.functional.one_hot(labels[row, t], 6)).norm()))
-        assert float(scores[row]) == pytest.approx(np.mean(per_token), rel=1e-5)
+                p = full[row, PROMPT + t - 1].softmax(-1)
+                per_token.append(float((p - torch.nn.functional.one_hot(labels[row, t], VOCAB)).norm()))
+        assert float(scores[row]) == pytest.approx(np.mean(per_token) if per_token else 0.0, rel=1e-5, abs=1e-7)
 
 
 @pytest.mark.parametrize("fraction, n, expected", [(0.5, 10, 5), (0.3, 10, 3), (1.0, 7, 7), (0.01, 7, 1),

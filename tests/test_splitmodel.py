@@ -125,8 +125,9 @@ def test_answers_only_tail_gives_the_full_tail_loss_and_gradients():
     kept = parts.tail(body_out, head_out.attention_mask, batch["labels"], answers_only=True)
     kept.loss.backward()
     kept_grads = grads_of(parts)
-    # Only the positions predicting tokens 4.. (after the prompt) are projected onto the vocabulary.
-    assert kept.logits.shape[:2] == kept.targets.shape and kept.logits.shape[1] < full.logits.shape[1]
+    # Only the labelled (example, position) pairs are projected onto the vocabulary.
+    labelled = int((batch["labels"] != IGNORE_INDEX).sum())  # the prompt's last position predicts token 0
+    assert kept.logits.shape == (labelled, VOCAB) and kept.targets.shape == kept.rows.shape == (labelled,)
     torch.testing.assert_close(kept.loss, full.loss, atol=1e-6, rtol=0)
     for name, grad in full_grads.items():
         torch.testing.assert_close(kept_grads[name], grad, atol=1e-6, rtol=0, msg=name)

@@ -26,7 +26,7 @@ from pollinate.client import runtime
 from pollinate.client.split_channel import SplitChannel
 from pollinate.common.config import RunConfig
 from pollinate.common.data import ExampleStream, collate
-from pollinate.common.splitmodel import IGNORE_INDEX, SplitParts, split_model
+from pollinate.common.splitmodel import SplitParts, TailOutput, split_model
 from pollinate.common.wire import arrays_to_record, record_to_arrays
 
 BodyFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -72,21 +72,23 @@ def load_trainable_state(parts: SplitParts, state: dict[str, np.ndarray]) -> Non
 
 # --------------------------------------------------------------------------------------------- EL2N pruning
 def el2n(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """EL2N score per example: ‖softmax(f(x)) − onehot(y)‖₂ (Paul et al. 2021).
-
-    Classification: ``logits`` (B, C), ``labels`` (B,). Causal LM: ``logits`` (B, K, V) of the positions that
-    predict an answer token and ``labels`` (B, K) the tokens they predict (``IGNORE_INDEX`` elsewhere), as the
-    tail returns them with ``answers_only``; the score is the mean per-token EL2N over the answer tokens (0 for
-    an example without any).
-    """
+    """EL2N per row: ‖softmax(f(x)) − onehot(y)‖₂ (Paul et al. 2021), for ``logits`` (N, C), ``labels`` (N,)."""
     probs = logits.float().softmax(-1)
-    target = probs.gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    target = probs.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
     # ‖p − e_y‖² = Σp² − 2p_y + 1: no one-hot needed, which matters for a 49k vocabulary.
-    per_position = (probs.square().sum(-1) - 2 * target + 1).clamp_min(0).sqrt()
-    if labels.dim() == 1:
-        return per_position
-    answer = labels != IGNORE_INDEX
-    return (per_position * answer).sum(-1) / answer.sum(-1).clamp_min(1)
+    return (probs.square().sum(-1) - 2 * target + 1).clamp_min(0).sqrt()
+
+
+def el2n_per_example(tail: TailOutput, labels: torch.Tensor) -> torch.Tensor:
+    """EL2N of each example: of its logits (classification), or the mean over its answer tokens (causal LM,
+    from a tail run with ``answers_only``; 0 for an example without any)."""
+    if tail.rows is None:
+        return el2n(tail.logits, labels)
+    per_token = el2n(tail.logits, tail.targets)
+    batch = labels.shape[0]
+    totals = torch.zeros(batch, dtype=per_token.dtype).index_add_(0, tail.rows, per_token)
+    counts = torch.zeros(batch, dtype=per_token.dtype).index_add_(0, tail.rows, torch.ones_like(per_token))
+    return totals / counts.clamp_min(1)
 
 
 @torch.no_grad()
@@ -99,7 +101,7 @@ def el2n_scores(parts: SplitParts, encoded: list[dict[str, Any]], batch_size: in
         batch = collate(encoded[start: start + batch_size], pad_id)
         out = parts.head(batch["input_ids"], batch["attention_mask"])
         tail = parts.tail(out.hidden, out.attention_mask, batch["labels"], answers_only=True)
-        scores.append(el2n(tail.logits, batch["labels"] if tail.targets is None else tail.targets))
+        scores.append(el2n_per_example(tail, batch["labels"]))
     return torch.cat(scores).numpy()
 
 

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
 
-from pollinate.common.lmloss import IGNORE_INDEX, answer_positions, shifted_targets, token_cross_entropy
+from pollinate.common.lmloss import IGNORE_INDEX
 from pollinate.protos import split_pb2
 
 PromptInit = Literal["vocab-sample", "random"]
@@ -126,13 +126,15 @@ class HeadOutput:
 class TailOutput:
     """Loss (None without labels) and logits of the tail.
 
-    With ``answers_only`` the logits are those of the positions that predict a labelled token, (B, K, V), and
-    ``targets`` (B, K) holds the token each one predicts (``IGNORE_INDEX`` where that row has none).
+    With ``answers_only`` (causal LM) the logits are only those of the (example, position) pairs that predict
+    a labelled token, flattened to (N, V); ``targets`` (N,) holds the token each predicts and ``rows`` (N,)
+    the example it belongs to.
     """
 
     loss: torch.Tensor | None
     logits: torch.Tensor
     targets: torch.Tensor | None = None
+    rows: torch.Tensor | None = None
 
 
 @dataclass
@@ -365,10 +367,12 @@ class LlamaSplitTail(nn.Module):
             return TailOutput(None, self.lm_head(hidden))
         labels = self._with_prompt_positions(labels, hidden)
         if answers_only:
-            positions = answer_positions(labels)
-            targets = shifted_targets(labels, positions)
-            logits = self.lm_head(hidden[:, positions])
-            return TailOutput(token_cross_entropy(logits, targets), logits, targets)
+            # Position p predicts token p + 1; gather exactly the labelled (example, position) pairs.
+            targets = labels[:, 1:]
+            labelled = targets != IGNORE_INDEX
+            logits = self.lm_head(hidden[:, :-1][labelled])
+            loss = nn.functional.cross_entropy(logits.float(), targets[labelled])
+            return TailOutput(loss, logits, targets[labelled], labelled.nonzero()[:, 0])
         logits = self.lm_head(hidden)
         return TailOutput(self._loss_function(logits=logits, labels=labels, vocab_size=self._vocab_size), logits)
 
