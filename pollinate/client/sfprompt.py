@@ -20,11 +20,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from pollinate.client import runtime
 from pollinate.client.split_channel import SplitChannel
-from pollinate.common.config import RunConfig
+from pollinate.common.config import RunConfig, SFPromptConfig
 from pollinate.common.data import ExampleStream, collate
 from pollinate.common.splitmodel import SplitParts, TailOutput, split_model
 from pollinate.common.wire import arrays_to_record, record_to_arrays
@@ -116,6 +116,30 @@ def keep_top(scores: np.ndarray, fraction: float) -> list[int]:
     return sorted(int(i) for i in order[:k])
 
 
+KEPT_KEY = "sfprompt.kept"
+
+
+def kept_examples(context: Context, sf: SFPromptConfig, parts: SplitParts, encoded: list[dict[str, Any]],
+                  batch_size: int, pad_id: int, server_round: int) -> tuple[list[int], np.ndarray | None]:
+    """The kept (top-γ EL2N) examples, and the scores when this round scored them.
+
+    γ = 1 keeps everything without scoring. Otherwise the selection is stored in ``context.state`` and reused
+    until ``sfprompt.rescore_every`` rounds have passed (never, with 0) or the local data changed size.
+    """
+    if sf.keep_fraction >= 1:
+        return list(range(len(encoded))), None
+    if KEPT_KEY in context.state.config_records:
+        stored = context.state[KEPT_KEY]
+        fresh = sf.rescore_every == 0 or server_round - int(stored["round"]) < sf.rescore_every
+        if fresh and int(stored["examples"]) == len(encoded) and float(stored["fraction"]) == sf.keep_fraction:
+            return [int(i) for i in stored["indices"]], None
+    scores = el2n_scores(parts, encoded, batch_size, pad_id)
+    kept = keep_top(scores, sf.keep_fraction)
+    context.state[KEPT_KEY] = ConfigRecord({"round": server_round, "examples": len(encoded),
+                                            "fraction": sf.keep_fraction, "indices": kept})
+    return kept, scores
+
+
 # --------------------------------------------------------------------------------------------- training
 class TimedSplitChannel(SplitChannel):
     """SplitChannel that also adds up the wall time spent waiting on the service (body + network)."""
@@ -185,8 +209,7 @@ def train(msg: Message, cfg: RunConfig, context: Context) -> RecordDict:
     batch_size = cfg.train.batch_size
 
     start = time.perf_counter()
-    scores = el2n_scores(parts, data.encoded, batch_size, pad_id)
-    kept = keep_top(scores, sf.keep_fraction)
+    kept, scores = kept_examples(context, sf, parts, data.encoded, batch_size, pad_id, server_round)
     seed = cfg.federation.seed * 7919 + server_round * 31 + data.client_id
     local = ExampleStream(data.encoded, batch_size, pad_id, seed=seed)
     kept_stream = ExampleStream([data.encoded[i] for i in kept], batch_size, pad_id, seed=seed + 1)
@@ -210,7 +233,8 @@ def train(msg: Message, cfg: RunConfig, context: Context) -> RecordDict:
         "client_time_share": client_s / total_s if total_s > 0 else 1.0,
         "kept_examples": len(kept), "local_steps": local_steps, "split_steps": split_steps,
         "split_bytes_up": channel.bytes_up, "split_bytes_down": channel.bytes_down,
-        "el2n_mean_kept": float(scores[kept].mean()), "el2n_mean_all": float(scores.mean()),
+        **({"el2n_mean_kept": float(scores[kept].mean()), "el2n_mean_all": float(scores.mean())}
+           if scores is not None else {}),
         **{k: v for k, v in stats.items() if not math.isnan(v)},
     })
     return RecordDict({"arrays": arrays_to_record(trainable_state(parts)), "metrics": metrics,

@@ -220,6 +220,10 @@ class SFPromptConfig:
     prompt_lr: float = _help("AdamW learning rate of the prompts (the tail uses train.lr)", default=1e-2)
     keep_fraction: float = _help("γ: share of local examples with the highest EL2N score kept for split steps",
                                  default=0.5)
+    rescore_every: int = _help(
+        "Re-score EL2N and re-select the kept data every this many rounds (0 = once, at the client's first round: "
+        "EL2N identifies hard examples early in training, and scoring is a forward pass over all local data)",
+        default=0)
     local_epochs: float = _help("Local-loss passes over all local data per round (head -> tail, no server)",
                                 default=1.0)
     local_steps: int = _help("Cap on local-loss steps per round (0 = no cap)", default=0)
@@ -251,6 +255,7 @@ class SFPromptConfig:
         _one_of("sfprompt.prompt_init", self.prompt_init, ("vocab-sample", "random"))
         _require(self.prompt_lr > 0, "sfprompt.prompt_lr", self.prompt_lr, "a float > 0")
         _require(0 < self.keep_fraction <= 1, "sfprompt.keep_fraction", self.keep_fraction, "a float in (0, 1]")
+        _require(self.rescore_every >= 0, "sfprompt.rescore_every", self.rescore_every, "an int >= 0")
         _require(self.local_epochs >= 0, "sfprompt.local_epochs", self.local_epochs, "a float >= 0")
         _require(self.local_steps >= 0, "sfprompt.local_steps", self.local_steps, "an int >= 0")
         _require(self.split_epochs >= 0, "sfprompt.split_epochs", self.split_epochs, "a float >= 0")

@@ -125,6 +125,8 @@ def probe(cfg: RunConfig, client: int) -> dict[str, Any]:
         "client_gflops": client_total / 1e9, "full_finetune_gflops": fft / 1e9,
         # The paper's measure: the client's compute relative to federated full fine-tuning of the same steps.
         "client_share_vs_full_finetune": client_total / fft if fft else math.nan,
+        # Rounds that reuse the kept set (sfprompt.rescore_every = 0, or γ = 1) skip the EL2N pass.
+        "client_share_without_el2n": (local_flops + split_client) / fft if fft else math.nan,
         # Within SFPrompt's split steps: how much of head + body + tail the device runs.
         "split_step_client_share": split_client / split_flops if split_flops else math.nan,
     }
