@@ -70,3 +70,14 @@ def test_batch_without_answers_falls_back_to_the_model_loss():
     batch = instruction_batch()
     batch["labels"][:] = IGNORE_INDEX
     assert torch.isnan(training_loss(model, batch)) == torch.isnan(model(**batch).loss)
+
+
+def test_models_without_a_decoder_accessor_use_logits_to_keep_and_match_too():
+    class NoDecoderAccessor(LlamaForCausalLM):
+        def get_decoder(self):
+            raise AttributeError("no decoder accessor")
+
+    torch.manual_seed(0)
+    model = NoDecoderAccessor(tiny_llama().config)
+    batch = instruction_batch()
+    torch.testing.assert_close(training_loss(model, batch), model(**batch).loss, atol=1e-6, rtol=0)

@@ -44,16 +44,35 @@ def is_token_labelled(batch: Mapping[str, torch.Tensor]) -> bool:
 
 
 def training_loss(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """``model(**batch).loss``, with the LM head run only on answer positions for causal-LM batches.
-
-    Classification batches, and batches without any labelled token, take the model's own loss unchanged.
+    """``model(**batch).loss``, with the LM head run only on the labelled (example, position) pairs of causal-LM
+    batches: the decoder's last hidden states are gathered there and projected, as the model's own forward
+    would project every position. Models without ``get_decoder`` fall back to HF's ``logits_to_keep`` (the
+    positions labelled in any row). Classification batches, and batches without any labelled token, take the
+    model's own loss unchanged.
     """
     if not is_token_labelled(batch):
         return model(**batch).loss
     labels = batch["labels"]
-    positions = answer_positions(labels)
-    if positions.numel() == 0:
+    targets = labels[:, 1:]  # position p predicts token p + 1
+    labelled = targets != IGNORE_INDEX
+    if not labelled.any():
         return model(**batch).loss
     inputs = {k: v for k, v in batch.items() if k != "labels"}
-    logits = model(**inputs, logits_to_keep=positions, use_cache=False).logits
-    return token_cross_entropy(logits, shifted_targets(labels, positions))
+    decoder, head = _decoder_and_head(model)
+    if decoder is None:
+        positions = answer_positions(labels)
+        logits = model(**inputs, logits_to_keep=positions, use_cache=False).logits
+        return token_cross_entropy(logits, shifted_targets(labels, positions))
+    hidden = decoder(**inputs, use_cache=False).last_hidden_state
+    return F.cross_entropy(head(hidden[:, :-1][labelled]).float(), targets[labelled])
+
+
+def _decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module | None, torch.nn.Module | None]:
+    """The decoder stack (ending in the final norm) and the LM head of a causal LM, through peft wrappers."""
+    try:
+        decoder, head = model.get_decoder(), model.get_output_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None, None
+    if decoder is None or head is None or decoder is model:
+        return None, None
+    return decoder, head
