@@ -65,11 +65,14 @@ def test_training_loss_through_peft_lora_matches_too():
     torch.testing.assert_close(training_loss(model, batch), model(**batch).loss, atol=1e-6, rtol=0)
 
 
-def test_batch_without_answers_falls_back_to_the_model_loss():
+def test_batch_without_answers_trains_nothing_instead_of_a_nan_loss():
     model = tiny_llama()
     batch = instruction_batch()
     batch["labels"][:] = IGNORE_INDEX
-    assert torch.isnan(training_loss(model, batch)) == torch.isnan(model(**batch).loss)
+    assert torch.isnan(model(**batch).loss)  # what the full-logits mean gives
+    loss = training_loss(model, batch)
+    loss.backward()
+    assert float(loss) == 0.0 and all(p.grad is None for p in model.parameters())
 
 
 def test_models_without_a_decoder_accessor_use_logits_to_keep_and_match_too():

@@ -133,6 +133,12 @@ def test_answers_only_tail_gives_the_full_tail_loss_and_gradients():
         torch.testing.assert_close(kept_grads[name], grad, atol=1e-6, rtol=0, msg=name)
     with pytest.raises(ValueError, match="answers_only needs labels"):
         parts.tail(body_out, head_out.attention_mask, answers_only=True)
+    # Every answer truncated away: a zero loss that trains nothing (the full-logits mean would be NaN).
+    head_out = parts.head(batch["input_ids"], batch["attention_mask"])
+    none = parts.tail(parts.body(head_out.hidden, head_out.attention_mask), head_out.attention_mask,
+                      torch.full_like(batch["labels"], IGNORE_INDEX), answers_only=True)
+    none.loss.backward()
+    assert float(none.loss) == 0.0 and all(float(g.abs().sum()) == 0 for g in grads_of(parts).values())
 
 
 def test_head_extends_mask_with_ones_for_prompt():

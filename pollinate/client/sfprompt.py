@@ -86,8 +86,8 @@ def el2n_per_example(tail: TailOutput, labels: torch.Tensor) -> torch.Tensor:
         return el2n(tail.logits, labels)
     per_token = el2n(tail.logits, tail.targets)
     batch = labels.shape[0]
-    totals = torch.zeros(batch, dtype=per_token.dtype).index_add_(0, tail.rows, per_token)
-    counts = torch.zeros(batch, dtype=per_token.dtype).index_add_(0, tail.rows, torch.ones_like(per_token))
+    totals = per_token.new_zeros(batch).index_add_(0, tail.rows, per_token)
+    counts = per_token.new_zeros(batch).index_add_(0, tail.rows, torch.ones_like(per_token))
     return totals / counts.clamp_min(1)
 
 
@@ -102,7 +102,7 @@ def el2n_scores(parts: SplitParts, encoded: list[dict[str, Any]], batch_size: in
         out = parts.head(batch["input_ids"], batch["attention_mask"])
         tail = parts.tail(out.hidden, out.attention_mask, batch["labels"], answers_only=True)
         scores.append(el2n_per_example(tail, batch["labels"]))
-    return torch.cat(scores).numpy()
+    return torch.cat(scores).cpu().numpy()
 
 
 def keep_top(scores: np.ndarray, fraction: float) -> list[int]:

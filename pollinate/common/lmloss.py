@@ -47,8 +47,9 @@ def training_loss(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> 
     """``model(**batch).loss``, with the LM head run only on the labelled (example, position) pairs of causal-LM
     batches: the decoder's last hidden states are gathered there and projected, as the model's own forward
     would project every position. Models without ``get_decoder`` fall back to HF's ``logits_to_keep`` (the
-    positions labelled in any row). Classification batches, and batches without any labelled token, take the
-    model's own loss unchanged.
+    positions labelled in any row). Classification batches take the model's own loss unchanged. A causal-LM
+    batch without any labelled token (every answer truncated away) gives a zero loss that trains nothing,
+    where the full-logits mean would be NaN and poison the weights.
     """
     if not is_token_labelled(batch):
         return model(**batch).loss
@@ -56,7 +57,7 @@ def training_loss(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> 
     targets = labels[:, 1:]  # position p predicts token p + 1
     labelled = targets != IGNORE_INDEX
     if not labelled.any():
-        return model(**batch).loss
+        return torch.zeros((), device=labels.device, requires_grad=True)
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     decoder, head = _decoder_and_head(model)
     if decoder is None:

@@ -371,7 +371,8 @@ class LlamaSplitTail(nn.Module):
             targets = labels[:, 1:]
             labelled = targets != IGNORE_INDEX
             logits = self.lm_head(hidden[:, :-1][labelled])
-            loss = nn.functional.cross_entropy(logits.float(), targets[labelled])
+            # No answer token left (truncated away): a zero loss that trains nothing, not a NaN mean.
+            loss = nn.functional.cross_entropy(logits.float(), targets[labelled]) if len(logits) else logits.sum()
             return TailOutput(loss, logits, targets[labelled], labelled.nonzero()[:, 0])
         logits = self.lm_head(hidden)
         return TailOutput(self._loss_function(logits=logits, labels=labels, vocab_size=self._vocab_size), logits)
