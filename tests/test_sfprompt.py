@@ -141,7 +141,7 @@ def test_kept_examples_are_scored_once_and_reused_until_rescore_is_due():
     parts = split_model(tiny_bert(), 1, 1, PROMPT, generator=torch.Generator().manual_seed(0))
     data = classification_examples(10)
     context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
-    once = SFPromptConfig(keep_fraction=0.5)
+    once = SFPromptConfig(keep_fraction=0.5, rescore_every=0)
     kept, scores = kept_examples(context, once, parts, data, 4, 0, server_round=1)
     assert scores is not None and kept == keep_top(scores, 0.5)
     with torch.no_grad():  # the model moves on; with rescore_every=0 the first selection stays
@@ -152,8 +152,10 @@ def test_kept_examples_are_scored_once_and_reused_until_rescore_is_due():
     rescored, new_scores = kept_examples(context, every, parts, data, 4, 0, server_round=3)
     assert new_scores is not None and rescored == keep_top(new_scores, 0.5)
     # Another fraction or another data size is a new selection; keeping everything needs no scores at all.
-    assert kept_examples(context, SFPromptConfig(keep_fraction=0.3), parts, data, 4, 0, 4)[1] is not None
-    assert kept_examples(context, SFPromptConfig(keep_fraction=1.0), parts, data, 4, 0, 5) == (list(range(10)), None)
+    other_fraction = SFPromptConfig(keep_fraction=0.3, rescore_every=0)
+    assert kept_examples(context, other_fraction, parts, data, 4, 0, 4)[1] is not None
+    assert kept_examples(context, SFPromptConfig(keep_fraction=0.3), parts, data, 4, 0, 5)[1] is not None  # every round
+    assert kept_examples(context, SFPromptConfig(keep_fraction=1.0), parts, data, 4, 0, 6) == (list(range(10)), None)
 
 
 # --------------------------------------------------------------------------------------------- training

@@ -221,9 +221,9 @@ class SFPromptConfig:
     keep_fraction: float = _help("γ: share of local examples with the highest EL2N score kept for split steps",
                                  default=0.5)
     rescore_every: int = _help(
-        "Re-score EL2N and re-select the kept data every this many rounds (0 = once, at the client's first round: "
-        "EL2N identifies hard examples early in training, and scoring is a forward pass over all local data)",
-        default=0)
+        "Re-score EL2N and re-select the kept data every this many rounds (1 = every round, as SFPrompt does; "
+        "0 = once, at the client's first round, which saves a forward pass over all local data per round)",
+        default=1)
     local_epochs: float = _help("Local-loss passes over all local data per round (head -> tail, no server)",
                                 default=1.0)
     local_steps: int = _help("Cap on local-loss steps per round (0 = no cap)", default=0)
