@@ -24,6 +24,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from pollinate.client import runtime
 from pollinate.client.split_channel import SplitChannel
+from pollinate.common.adapters import load_parameter_state, parameter_state
 from pollinate.common.config import RunConfig, SFPromptConfig
 from pollinate.common.data import ExampleStream, collate
 from pollinate.common.splitmodel import SplitParts, TailOutput, split_model
@@ -54,20 +55,15 @@ def split_parts(cfg: RunConfig, num_labels: int) -> SplitParts:
 
 def trainable_state(parts: SplitParts) -> dict[str, np.ndarray]:
     """Prompts + trainable tail parameters as fp32 numpy, under ``head.*`` / ``tail.*`` names."""
-    return {name: p.detach().to(torch.float32).cpu().numpy().copy()
-            for name, p in parts.trainable_parameters()}
+    return parameter_state(dict(parts.trainable_parameters()))
 
 
 def load_trainable_state(parts: SplitParts, state: dict[str, np.ndarray]) -> None:
     """Overwrite prompts + tail in place; the key sets must match exactly (no silent partial loads)."""
-    params = dict(parts.trainable_parameters())
-    missing, unknown = sorted(set(params) - set(state)), sorted(set(state) - set(params))
-    if missing or unknown:
-        raise ValueError(f"sfprompt state does not match the split model: missing {missing[:3]}, "
-                         f"unknown {unknown[:3]}; check sfprompt.head_layers/tail_layers/num_prompt_tokens")
-    with torch.no_grad():
-        for name, param in params.items():
-            param.copy_(torch.from_numpy(np.asarray(state[name])))
+    try:
+        load_parameter_state(dict(parts.trainable_parameters()), state)
+    except ValueError as exc:
+        raise ValueError(f"sfprompt {exc}; check sfprompt.head_layers/tail_layers/num_prompt_tokens") from exc
 
 
 # --------------------------------------------------------------------------------------------- EL2N pruning

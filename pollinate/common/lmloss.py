@@ -3,16 +3,17 @@
 Instruction data labels only the answer (prompt positions carry ``IGNORE_INDEX``), yet a plain
 ``model(**batch).loss`` projects every position onto the vocabulary: for SmolLM2 that is a 49,152-wide fp32
 row per token, the largest activation of a training step (and, with the LM head, ~21% of its forward FLOPs).
-Projecting only the positions whose next token is labelled gives the same loss — the ignored positions
-contribute nothing to Hugging Face's mean either — at a fraction of the memory and compute. Hugging Face's
-``logits_to_keep`` (a 1-D tensor of sequence positions) does the projection part; the shift and the
-cross-entropy are the ones HF's ``ForCausalLMLoss`` uses (labels shifted left by one, fp32 logits, mean over
-labelled tokens).
+Projecting only the (example, position) pairs whose next token is labelled gives the same loss — the ignored
+positions contribute nothing to Hugging Face's mean either — at a fraction of the memory and compute. The shift
+and the cross-entropy are the ones HF's ``ForCausalLMLoss`` uses (labels shifted left by one, fp32 logits, mean
+over labelled tokens). HF's own ``logits_to_keep`` keeps whole positions shared by the batch, which projects
+more; it is the fallback for models whose decoder stack is not reachable.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +38,28 @@ def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Te
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
 
 
+@dataclass
+class AnswerProjection:
+    """LM-head logits of the labelled (example, position) pairs, (N, V); the token each predicts, (N,); the
+    example each belongs to, (N,); and their mean cross-entropy."""
+
+    loss: torch.Tensor
+    logits: torch.Tensor
+    targets: torch.Tensor
+    rows: torch.Tensor
+
+
+def project_answers(hidden: torch.Tensor, labels: torch.Tensor, head: torch.nn.Module) -> AnswerProjection:
+    """Project the final hidden states (B, S, H) onto the vocabulary only where ``labels`` (B, S) label the
+    next token. With no labelled token (every answer truncated away) the loss is a zero that trains nothing,
+    where the full-logits mean would be NaN and poison the weights."""
+    targets = labels[:, 1:]  # position p predicts token p + 1
+    labelled = targets != IGNORE_INDEX
+    logits = head(hidden[:, :-1][labelled])
+    loss = F.cross_entropy(logits.float(), targets[labelled]) if len(logits) else logits.sum()
+    return AnswerProjection(loss, logits, targets[labelled], labelled.nonzero()[:, 0])
+
+
 def is_token_labelled(batch: Mapping[str, torch.Tensor]) -> bool:
     """True for causal-LM batches (per-token labels), False for classification (one label per example)."""
     labels = batch.get("labels")
@@ -54,9 +77,7 @@ def training_loss(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> 
     if not is_token_labelled(batch):
         return model(**batch).loss
     labels = batch["labels"]
-    targets = labels[:, 1:]  # position p predicts token p + 1
-    labelled = targets != IGNORE_INDEX
-    if not labelled.any():
+    if not (labels[:, 1:] != IGNORE_INDEX).any():  # nothing to learn: skip the forward altogether
         return torch.zeros((), device=labels.device, requires_grad=True)
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     decoder, head = _decoder_and_head(model)
@@ -64,8 +85,7 @@ def training_loss(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> 
         positions = answer_positions(labels)
         logits = model(**inputs, logits_to_keep=positions, use_cache=False).logits
         return token_cross_entropy(logits, shifted_targets(labels, positions))
-    hidden = decoder(**inputs, use_cache=False).last_hidden_state
-    return F.cross_entropy(head(hidden[:, :-1][labelled]).float(), targets[labelled])
+    return project_answers(decoder(**inputs, use_cache=False).last_hidden_state, labels, head).loss
 
 
 def _decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module | None, torch.nn.Module | None]:

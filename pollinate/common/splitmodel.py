@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
 
-from pollinate.common.lmloss import IGNORE_INDEX
+from pollinate.common.lmloss import IGNORE_INDEX, project_answers
 from pollinate.protos import split_pb2
 
 PromptInit = Literal["vocab-sample", "random"]
@@ -367,13 +367,8 @@ class LlamaSplitTail(nn.Module):
             return TailOutput(None, self.lm_head(hidden))
         labels = self._with_prompt_positions(labels, hidden)
         if answers_only:
-            # Position p predicts token p + 1; gather exactly the labelled (example, position) pairs.
-            targets = labels[:, 1:]
-            labelled = targets != IGNORE_INDEX
-            logits = self.lm_head(hidden[:, :-1][labelled])
-            # No answer token left (truncated away): a zero loss that trains nothing, not a NaN mean.
-            loss = nn.functional.cross_entropy(logits.float(), targets[labelled]) if len(logits) else logits.sum()
-            return TailOutput(loss, logits, targets[labelled], labelled.nonzero()[:, 0])
+            answers = project_answers(hidden, labels, self.lm_head)
+            return TailOutput(answers.loss, answers.logits, answers.targets, answers.rows)
         logits = self.lm_head(hidden)
         return TailOutput(self._loss_function(logits=logits, labels=labels, vocab_size=self._vocab_size), logits)
 
