@@ -132,6 +132,34 @@ def test_el2n_scores_do_not_depend_on_batching_or_padding(kind):
     assert alone.shape == (7,) and np.all(alone > 0)
 
 
+def unsplit_el2n(model, prompt, example) -> float:
+    """EL2N of one example from the unsplit model's full logits (mean over answer tokens for a causal LM)."""
+    batch = collate([example], 0)
+    logits = unsplit_forward(model, prompt, batch).logits
+    if logits.dim() == 2:
+        return float(el2n(logits, batch["labels"])[0])
+    targets = prompt.extend_labels(batch["labels"])[0, 1:]
+    answer = targets != IGNORE_INDEX
+    return float(el2n(logits[0, :-1][answer], targets[answer]).mean())
+
+
+@pytest.mark.parametrize("kind", ["llama", "bert"])
+def test_el2n_through_the_body_scores_the_unsplit_model_and_holds_no_graph(kind):
+    model = tiny_llama() if kind == "llama" else tiny_bert()
+    parts = split_model(model, 1, 1, PROMPT, generator=torch.Generator().manual_seed(0))
+    data = generation_examples(5) if kind == "llama" else classification_examples(5)
+    body = LocalBody(parts.body)
+    scores = el2n_scores(parts, data, batch_size=2, pad_id=0, body=body)
+    with torch.no_grad():
+        expected = [unsplit_el2n(model, parts.prompt, ex) for ex in data]
+    np.testing.assert_allclose(scores, expected, rtol=1e-4, atol=1e-5)
+    assert body.steps == 3 and body.bytes_up > 0 and body.bytes_down > 0  # 3 batches, forward only
+    assert body.service.graph_bytes == 0 and not body.service.holds_graph(body.session_id)
+    # The local path (head output straight into the tail) is another model: other scores, no server.
+    local = el2n_scores(parts, data, batch_size=2, pad_id=0)
+    assert body.steps == 3 and not np.allclose(local, scores)
+
+
 def test_kept_examples_are_scored_once_and_reused_until_rescore_is_due():
     from flwr.app import Context, RecordDict
 
@@ -218,6 +246,8 @@ def test_config_rejects_out_of_range_values_naming_the_field():
         _cfg(keep_fraction=0)
     with pytest.raises(ConfigError, match="'sfprompt.wire_dtype' = 'int4'"):
         _cfg(wire_dtype='"int4"')
+    with pytest.raises(ConfigError, match="'sfprompt.el2n_path' = 'body'"):
+        _cfg(el2n_path='"body"')
 
 
 # --------------------------------------------------------------------------------------------- eval wrapper

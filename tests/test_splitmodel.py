@@ -112,9 +112,12 @@ def test_causal_lm_loss_ignores_prompt_positions():
     torch.testing.assert_close(out.loss, expected)
 
 
-def test_answers_only_tail_gives_the_full_tail_loss_and_gradients():
+@pytest.mark.parametrize("tail_layers", [1, 2])
+def test_answers_only_tail_gives_the_full_tail_loss_and_gradients(tail_layers):
+    """The answers-only tail runs its last block's queries, attention output and MLP only at answer positions
+    (keys/values at all): the loss and every gradient, the body output's included, must not change."""
     model = tiny_llama()
-    parts = split_model(model, 1, 1, num_prompt_tokens=PROMPT)
+    parts = split_model(model, 1, tail_layers, num_prompt_tokens=PROMPT)
     batch = padded_batch("llama")
     batch["labels"][:, :4] = IGNORE_INDEX  # an instruction example: only the end is the answer
     full = run_split(parts, batch)
@@ -122,9 +125,15 @@ def test_answers_only_tail_gives_the_full_tail_loss_and_gradients():
     full_grads = grads_of(parts)
     head_out = parts.head(batch["input_ids"], batch["attention_mask"])
     body_out = parts.body(head_out.hidden, head_out.attention_mask)
+    body_out.retain_grad()
     kept = parts.tail(body_out, head_out.attention_mask, batch["labels"], answers_only=True)
     kept.loss.backward()
     kept_grads = grads_of(parts)
+    full_body_out = parts.body(head_out.hidden.detach(), head_out.attention_mask).requires_grad_(True)
+    parts.tail(full_body_out, head_out.attention_mask, batch["labels"]).loss.backward()
+    for _, param in parts.trainable_parameters():  # clear what that reference pass accumulated
+        param.grad = None
+    torch.testing.assert_close(body_out.grad, full_body_out.grad, atol=1e-6, rtol=0)
     # Only the labelled (example, position) pairs are projected onto the vocabulary.
     labelled = int((batch["labels"] != IGNORE_INDEX).sum())  # the prompt's last position predicts token 0
     assert kept.logits.shape == (labelled, VOCAB) and kept.targets.shape == kept.rows.shape == (labelled,)

@@ -4,8 +4,10 @@ The client keeps the head (embeddings, first blocks, soft prompts) and the tail 
 head); the frozen body runs on the server's split service. Per round:
 
 1. load the global prompts + tail the server sent;
-2. EL2N-score every local example with the local head -> tail model and keep the top fraction γ;
-3. local-loss steps on all local data: the head output goes straight into the tail (no server);
+2. EL2N-score every local example with the current model (by default head -> server body -> tail, forward only)
+   and keep the top fraction γ;
+3. local-loss steps on all local data, the head output straight into the tail, no server (off by default:
+   ``sfprompt.local_epochs``);
 4. split steps on the kept data: head activations up, body output down, gradient up, gradient down;
 5. return the trained prompts + tail state with the split-plane bytes and timings.
 Only prompts and tail train; head and body stay frozen.
@@ -88,15 +90,18 @@ def el2n_per_example(tail: TailOutput, labels: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def el2n_scores(parts: SplitParts, encoded: list[dict[str, Any]], batch_size: int, pad_id: int) -> np.ndarray:
-    """EL2N of every example under the local model (head output straight into the tail, eval mode)."""
+def el2n_scores(parts: SplitParts, encoded: list[dict[str, Any]], batch_size: int, pad_id: int,
+                body: BodyFn | None = None) -> np.ndarray:
+    """EL2N of every example in eval mode: head -> ``body`` -> tail, the split model being trained (no grad, so
+    the service keeps no graph), or with ``body`` None the head output straight into the tail."""
     parts.head.eval()
     parts.tail.eval()
     scores = []
     for start in range(0, len(encoded), batch_size):
         batch = collate(encoded[start: start + batch_size], pad_id)
         out = parts.head(batch["input_ids"], batch["attention_mask"])
-        tail = parts.tail(out.hidden, out.attention_mask, batch["labels"], answers_only=True)
+        hidden = out.hidden if body is None else body(out.hidden, out.attention_mask)
+        tail = parts.tail(hidden, out.attention_mask, batch["labels"], answers_only=True)
         scores.append(el2n_per_example(tail, batch["labels"]))
     return torch.cat(scores).cpu().numpy()
 
@@ -116,8 +121,10 @@ KEPT_KEY = "sfprompt.kept"
 
 
 def kept_examples(context: Context, sf: SFPromptConfig, parts: SplitParts, encoded: list[dict[str, Any]],
-                  batch_size: int, pad_id: int, server_round: int) -> tuple[list[int], np.ndarray | None]:
-    """The kept (top-γ EL2N) examples, and the scores when this round scored them.
+                  batch_size: int, pad_id: int, server_round: int,
+                  body: BodyFn | None = None) -> tuple[list[int], np.ndarray | None]:
+    """The kept (top-γ EL2N) examples, and the scores when this round scored them (through ``body`` when
+    ``sfprompt.el2n_path`` is split).
 
     γ = 1 keeps everything without scoring. Otherwise the selection is stored in ``context.state`` and reused
     until ``sfprompt.rescore_every`` rounds have passed (never, with 0) or the local data changed size.
@@ -129,7 +136,7 @@ def kept_examples(context: Context, sf: SFPromptConfig, parts: SplitParts, encod
         fresh = sf.rescore_every == 0 or server_round - int(stored["round"]) < sf.rescore_every
         if fresh and int(stored["examples"]) == len(encoded) and float(stored["fraction"]) == sf.keep_fraction:
             return [int(i) for i in stored["indices"]], None
-    scores = el2n_scores(parts, encoded, batch_size, pad_id)
+    scores = el2n_scores(parts, encoded, batch_size, pad_id, body if sf.el2n_path == "split" else None)
     kept = keep_top(scores, sf.keep_fraction)
     context.state[KEPT_KEY] = ConfigRecord({"round": server_round, "examples": len(encoded),
                                             "fraction": sf.keep_fraction, "indices": kept})
@@ -187,7 +194,7 @@ def train_prompts_and_tail(parts: SplitParts, local: ExampleStream, local_steps:
     split_losses = [step(kept.next_batch(), body) for _ in range(split_steps)]
     losses = local_losses + split_losses
     return {
-        "train_loss": float(np.mean(losses)),
+        "train_loss": float(np.mean(losses)) if losses else float("nan"),
         "local_loss": float(np.mean(local_losses)) if local_losses else float("nan"),
         "split_loss": float(np.mean(split_losses)) if split_losses else float("nan"),
     }
@@ -205,16 +212,17 @@ def train(msg: Message, cfg: RunConfig, context: Context) -> RecordDict:
     batch_size = cfg.train.batch_size
 
     start = time.perf_counter()
-    kept, scores = kept_examples(context, sf, parts, data.encoded, batch_size, pad_id, server_round)
-    seed = cfg.federation.seed * 7919 + server_round * 31 + data.client_id
-    local = ExampleStream(data.encoded, batch_size, pad_id, seed=seed)
-    kept_stream = ExampleStream([data.encoded[i] for i in kept], batch_size, pad_id, seed=seed + 1)
-    local_steps = phase_steps(sf.local_epochs, data.num_examples, batch_size, sf.local_steps)
-    split_steps = phase_steps(sf.split_epochs, len(kept), batch_size, sf.split_steps)
     ca_pem = str(split["ca-pem"]) if "ca-pem" in split else ""
     with TimedSplitChannel(str(split["address"]), str(split["token"]), wire_dtype=str(split["wire-dtype"]),
                            timeout_s=sf.call_timeout_s, max_message_bytes=sf.max_message_bytes,
                            root_certificates=ca_pem.encode() or None) as channel:
+        kept, scores = kept_examples(context, sf, parts, data.encoded, batch_size, pad_id, server_round,
+                                     channel.body)
+        seed = cfg.federation.seed * 7919 + server_round * 31 + data.client_id
+        local = ExampleStream(data.encoded, batch_size, pad_id, seed=seed)
+        kept_stream = ExampleStream([data.encoded[i] for i in kept], batch_size, pad_id, seed=seed + 1)
+        local_steps = phase_steps(sf.local_epochs, data.num_examples, batch_size, sf.local_steps)
+        split_steps = phase_steps(sf.split_epochs, len(kept), batch_size, sf.split_steps)
         stats = train_prompts_and_tail(parts, local, local_steps, kept_stream, split_steps, channel.body, cfg)
     total_s = time.perf_counter() - start
     client_s = max(total_s - channel.wait_seconds, 0.0)

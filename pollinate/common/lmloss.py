@@ -56,8 +56,14 @@ def project_answers(hidden: torch.Tensor, labels: torch.Tensor, head: torch.nn.M
     targets = labels[:, 1:]  # position p predicts token p + 1
     labelled = targets != IGNORE_INDEX
     logits = head(hidden[:, :-1][labelled])
-    loss = F.cross_entropy(logits.float(), targets[labelled]) if len(logits) else logits.sum()
-    return AnswerProjection(loss, logits, targets[labelled], labelled.nonzero()[:, 0])
+    return AnswerProjection(answers_loss(logits, targets[labelled]), logits, targets[labelled],
+                            labelled.nonzero()[:, 0])
+
+
+def answers_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of answer logits (N, V) against their tokens (N,), in fp32 as HF computes it; with
+    N = 0 a zero that still backpropagates (to nothing)."""
+    return F.cross_entropy(logits.float(), targets) if len(logits) else logits.sum()
 
 
 def is_token_labelled(batch: Mapping[str, torch.Tensor]) -> bool:

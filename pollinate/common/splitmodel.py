@@ -16,15 +16,17 @@ from __future__ import annotations
 import inspect
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
+from transformers.models.llama.modeling_llama import rotate_half
 
-from pollinate.common.lmloss import IGNORE_INDEX, project_answers
+from pollinate.common.lmloss import IGNORE_INDEX, answers_loss
 from pollinate.protos import split_pb2
 
 PromptInit = Literal["vocab-sample", "random"]
@@ -314,13 +316,47 @@ class _LlamaBlocks(nn.Module):
         self.rotary_emb = rotary_emb
 
     def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        return self.run(hidden, attention_mask, self.layers)
+
+    def run(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None, layers: Iterable[nn.Module]
+            ) -> torch.Tensor:
         position_ids = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
         mask = _causal_mask(self.config, hidden, attention_mask, position_ids)
         position_embeddings = self.rotary_emb(hidden, position_ids=position_ids)
-        for layer in self.layers:
+        for layer in layers:
             hidden = layer(hidden, attention_mask=mask, position_embeddings=position_embeddings,
                            position_ids=position_ids)
         return hidden
+
+    def last_layer_at(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None, rows: torch.Tensor,
+                      positions: torch.Tensor) -> torch.Tensor:
+        """Output of the last layer at the (row, position) pairs only, (N, H): keys and values for every
+        position, queries, attention output and MLP only where asked — nothing after this block reads the other
+        positions. The same arithmetic as ``LlamaDecoderLayer`` (pre-norm, rotary, GQA, causal + padding mask)."""
+        layer = self.layers[-1]
+        attn = layer.self_attn
+        batch, seq, _ = hidden.shape
+        heads, kv_heads, dim = self.config.num_attention_heads, self.config.num_key_value_heads, attn.head_dim
+        normed = layer.input_layernorm(hidden)
+        keys = attn.k_proj(normed).view(batch, seq, kv_heads, dim).transpose(1, 2)
+        values = attn.v_proj(normed).view(batch, seq, kv_heads, dim).transpose(1, 2)
+        position_ids = torch.arange(seq, device=hidden.device).unsqueeze(0)
+        cos, sin = self.rotary_emb(hidden, position_ids=position_ids)
+        keys = keys * cos.unsqueeze(1) + rotate_half(keys) * sin.unsqueeze(1)
+        queries = attn.q_proj(normed[rows, positions]).view(-1, heads, 1, dim)
+        cos_q, sin_q = cos[0, positions][:, None, None], sin[0, positions][:, None, None]
+        queries = queries * cos_q + rotate_half(queries) * sin_q
+        repeat = heads // kv_heads  # GQA: each key/value head serves `repeat` query heads, as HF's repeat_kv
+        keys = keys[rows].repeat_interleave(repeat, dim=1)
+        values = values[rows].repeat_interleave(repeat, dim=1)
+        allowed = torch.arange(seq, device=hidden.device) <= positions[:, None]
+        if attention_mask is not None:
+            allowed = allowed & attention_mask[rows].bool()
+        dropout = attn.attention_dropout if self.training else 0.0
+        context = F.scaled_dot_product_attention(queries, keys, values, attn_mask=allowed[:, None, None, :],
+                                                 dropout_p=dropout, scale=attn.scaling)
+        out = hidden[rows, positions] + attn.o_proj(context.reshape(-1, heads * dim))
+        return out + layer.mlp(layer.post_attention_layernorm(out))
 
 
 class LlamaSplitHead(nn.Module):
@@ -358,19 +394,28 @@ class LlamaSplitTail(nn.Module):
         self, hidden: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor | None = None,
         answers_only: bool = False,
     ) -> TailOutput:
-        """``answers_only`` (needs ``labels``): run the LM head only where a labelled token is predicted —
-        the same loss at a fraction of the compute and memory (see ``pollinate.common.lmloss``)."""
-        hidden = self.norm(self.blocks(hidden, attention_mask))
+        """``answers_only`` (needs ``labels``): compute only what the loss reads — the last block's output and
+        the LM head at the (example, position) pairs that predict a labelled token (keys and values still see
+        every position). The same loss and gradients at a fraction of the compute and memory; see
+        ``pollinate.common.lmloss`` for the projection."""
         if labels is None:
             if answers_only:
                 raise ValueError("answers_only needs labels: they say which positions are answers")
-            return TailOutput(None, self.lm_head(hidden))
+            return TailOutput(None, self.lm_head(self.norm(self.blocks(hidden, attention_mask))))
         labels = self._with_prompt_positions(labels, hidden)
         if answers_only:
-            answers = project_answers(hidden, labels, self.lm_head)
-            return TailOutput(answers.loss, answers.logits, answers.targets, answers.rows)
+            return self._answers_only(hidden, attention_mask, labels)
+        hidden = self.norm(self.blocks(hidden, attention_mask))
         logits = self.lm_head(hidden)
         return TailOutput(self._loss_function(logits=logits, labels=labels, vocab_size=self._vocab_size), logits)
+
+    def _answers_only(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor
+                      ) -> TailOutput:
+        rows, positions = (labels[:, 1:] != IGNORE_INDEX).nonzero(as_tuple=True)  # position p predicts p + 1
+        hidden = self.blocks.run(hidden, attention_mask, self.blocks.layers[:-1])
+        final = self.norm(self.blocks.last_layer_at(hidden, attention_mask, rows, positions))
+        logits, targets = self.lm_head(final), labels[rows, positions + 1]
+        return TailOutput(answers_loss(logits, targets), logits, targets, rows)
 
     def _with_prompt_positions(self, labels: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         """Labels padded with ``IGNORE_INDEX`` over the prompt positions, after checking their shape."""

@@ -1,9 +1,10 @@
 """Client compute of one SFPrompt round vs federated full fine-tuning on the same data, in FLOPs.
 
 ``python -m pollinate.simulations.compute_probe [--config run.toml] [--set section.key=value ...]`` runs one
-client's SFPrompt round in process — EL2N over its data, the local-loss steps, the split steps through an
-in-process body (``LocalBody``: the service's own handlers, no network) — and then the same optimizer steps on
-the same batches with the whole model trainable (what a ``fedavg-full`` client computes). Every phase is
+client's SFPrompt round in process — EL2N over its data (through the body, or straight into the tail, as
+``sfprompt.el2n_path`` says), the local-loss steps, the split steps through an in-process body (``LocalBody``:
+the service's own handlers, no network) — and then the same optimizer steps on the same batches with the whole
+model trainable (what a ``fedavg-full`` client computes). Every phase is
 counted with the formulas of torch's ``FlopCounterMode`` (matmul/attention FLOPs, forward and backward); the
 body's share is counted separately and is the server's. Prints one JSON line.
 
@@ -101,7 +102,10 @@ def probe(cfg: RunConfig, client: int) -> dict[str, Any]:
     parts = split_model(load_model(path, task, data.num_labels), sf.head_layers, sf.tail_layers,
                         sf.num_prompt_tokens, prompt_init=sf.prompt_init)
 
-    scores, el2n_flops = counted(lambda: el2n_scores(parts, data.encoded, batch_size, pad_id))
+    body = CountingLocalBody(parts.body)
+    scoring_body = body.body if sf.el2n_path == "split" else None
+    scores, el2n_total = counted(lambda: el2n_scores(parts, data.encoded, batch_size, pad_id, scoring_body))
+    el2n_server = body.flops
     kept = keep_top(scores, sf.keep_fraction)
     local_steps = phase_steps(sf.local_epochs, data.num_examples, batch_size, sf.local_steps)
     split_steps = phase_steps(sf.split_epochs, len(kept), batch_size, sf.split_steps)
@@ -111,10 +115,11 @@ def probe(cfg: RunConfig, client: int) -> dict[str, Any]:
                 (ExampleStream([data.encoded[i] for i in kept], batch_size, pad_id, seed=12), split_steps)]
 
     (local, n_local), (kept_stream, n_split) = streams()
-    body = CountingLocalBody(parts.body)
     _, local_flops = counted(lambda: train_prompts_and_tail(parts, local, n_local, kept_stream, 0, body.body, cfg))
     _, split_flops = counted(lambda: train_prompts_and_tail(parts, local, 0, kept_stream, n_split, body.body, cfg))
-    split_client = split_flops - body.flops
+    split_server = body.flops - el2n_server
+    split_client = split_flops - split_server
+    el2n_flops = el2n_total - el2n_server
     client_total = el2n_flops + local_flops + split_client
     fft = full_finetune_flops(cfg, data.num_labels, streams())
     return {
@@ -122,7 +127,8 @@ def probe(cfg: RunConfig, client: int) -> dict[str, Any]:
         "local_steps": local_steps, "split_steps": split_steps, "batch_size": batch_size,
         "head_layers": sf.head_layers, "tail_layers": sf.tail_layers, "keep_fraction": sf.keep_fraction,
         "el2n_gflops": el2n_flops / 1e9, "local_gflops": local_flops / 1e9,
-        "split_client_gflops": split_client / 1e9, "split_server_gflops": body.flops / 1e9,
+        "el2n_path": sf.el2n_path, "el2n_server_gflops": el2n_server / 1e9,
+        "split_client_gflops": split_client / 1e9, "split_server_gflops": split_server / 1e9,
         "client_gflops": client_total / 1e9, "full_finetune_gflops": fft / 1e9,
         # The paper's measure: the client's compute relative to federated full fine-tuning of the same steps.
         "client_share_vs_full_finetune": client_total / fft if fft else math.nan,
