@@ -80,10 +80,12 @@ def assert_split_matches_unsplit(model, parts, batch, body=None, atol=1e-5) -> N
         torch.testing.assert_close(got_grads[name], ref_grads[name], atol=atol, rtol=0, msg=name)
 
 
+@pytest.mark.parametrize("tail_layers", [1, 2])
 @pytest.mark.parametrize("kind", ["llama", "bert"])
-def test_split_forward_backward_equals_unsplit_model_with_padding(kind):
+def test_split_forward_backward_equals_unsplit_model_with_padding(kind, tail_layers):
+    """Also checks the BERT tail's shortcut (its last block computes only the position the pooler reads)."""
     model = tiny_llama() if kind == "llama" else tiny_bert()
-    parts = split_model(model, head_layers=1, tail_layers=1, num_prompt_tokens=PROMPT)
+    parts = split_model(model, head_layers=1, tail_layers=tail_layers, num_prompt_tokens=PROMPT)
     assert_split_matches_unsplit(model, parts, padded_batch(kind))
 
 

@@ -474,11 +474,35 @@ class _BertBlocks(nn.Module):
         self.layers = nn.ModuleList(layers)
 
     def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        return self.run(hidden, attention_mask, self.layers)
+
+    def run(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None, layers: Iterable[nn.Module]
+            ) -> torch.Tensor:
         mask = create_bidirectional_mask(config=self.config, inputs_embeds=hidden,
                                          attention_mask=attention_mask)
-        for layer in self.layers:
+        for layer in layers:
             hidden = layer(hidden, mask)
         return hidden
+
+    def last_layer_at_first_position(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None
+                                     ) -> torch.Tensor:
+        """Output of the last layer at position 0 only, (B, 1, H) — all the pooler reads: keys and values for
+        every position, the query, attention output and feed-forward for the first. The arithmetic of
+        ``BertLayer`` (self-attention, residual + LayerNorm, feed-forward)."""
+        layer = self.layers[-1]
+        attn = layer.attention.self
+        batch, seq, _ = hidden.shape
+
+        def heads(x: torch.Tensor) -> torch.Tensor:
+            return x.view(batch, x.shape[1], -1, attn.attention_head_size).transpose(1, 2)
+
+        first = hidden[:, :1]
+        allowed = attention_mask.bool()[:, None, None, :] if attention_mask is not None else None
+        context = F.scaled_dot_product_attention(
+            heads(attn.query(first)), heads(attn.key(hidden)), heads(attn.value(hidden)), attn_mask=allowed,
+            dropout_p=attn.dropout.p if attn.training else 0.0, scale=attn.scaling)
+        attended = layer.attention.output(context.transpose(1, 2).reshape(batch, 1, -1), first)
+        return layer.output(layer.intermediate(attended), attended)
 
 
 class BertSplitHead(nn.Module):
@@ -528,8 +552,10 @@ class BertSplitTail(nn.Module):
         self, hidden: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor | None = None,
         answers_only: bool = False,
     ) -> TailOutput:
-        """``answers_only`` changes nothing here: a classifier has one logit row per example."""
-        pooled = self.pooler(self.blocks(hidden, attention_mask))
+        """``answers_only`` changes nothing here: a classifier has one logit row per example. The pooler reads
+        the first position only, so the last block computes just that position's output."""
+        hidden = self.blocks.run(hidden, attention_mask, self.blocks.layers[:-1])
+        pooled = self.pooler(self.blocks.last_layer_at_first_position(hidden, attention_mask))
         logits = self.classifier(self.dropout(pooled))
         loss = None
         if labels is not None:
@@ -560,6 +586,8 @@ class BertSplit(SplitArchitecture):
     def build(self, head_layers: int, tail_layers: int, prompt: SoftPrompt | None) -> SplitParts:
         if self.model.bert.pooler is None:
             raise ValueError("BertForSequenceClassification without a pooler cannot be split (tail needs it)")
+        if self.config.is_decoder:  # the tail's first-position shortcut assumes bidirectional attention
+            raise ValueError("a BERT configured as a decoder (is_decoder=True) cannot be split; expected an encoder")
         layers = list(self.layers)
         cut = len(layers) - tail_layers
         head = BertSplitHead(self.model.bert.embeddings, _BertBlocks(self.config, layers[:head_layers]),
