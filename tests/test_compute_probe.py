@@ -21,10 +21,12 @@ def test_counter_agrees_with_torch_flop_counter_mode_forward_and_backward():
 @pytest.mark.slow
 def test_probe_splits_client_and_server_flops_and_compares_with_full_finetuning():
     cfg = build_config(None, ['model.name="tiny-llama"', "federation.clients=4", "data.train_examples=96",
-                              "sfprompt.local_steps=2", "sfprompt.split_steps=2"])
+                              "sfprompt.local_epochs=1", "sfprompt.local_steps=2", "sfprompt.split_steps=2",
+                              'sfprompt.el2n_path="split"'])
     out = probe(cfg, client=0)
     assert out["local_steps"] == 2 and out["split_steps"] == 2
     assert out["split_server_gflops"] > 0 and out["split_client_gflops"] > 0 and out["el2n_gflops"] > 0
+    assert out["el2n_path"] == "split" and out["el2n_server_gflops"] > 0  # scoring ran the body on the server
     assert out["client_gflops"] == pytest.approx(out["el2n_gflops"] + out["local_gflops"]
                                                  + out["split_client_gflops"], rel=1e-3)
     # The client never runs the body and trains only prompts + tail: less than full fine-tuning of the same steps.

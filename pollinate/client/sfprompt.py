@@ -4,8 +4,8 @@ The client keeps the head (embeddings, first blocks, soft prompts) and the tail 
 head); the frozen body runs on the server's split service. Per round:
 
 1. load the global prompts + tail the server sent;
-2. EL2N-score every local example with the current model (by default head -> server body -> tail, forward only)
-   and keep the top fraction γ;
+2. EL2N-score every local example with the local head -> tail model (or, with ``sfprompt.el2n_path = "split"``,
+   head -> server body -> tail, forward only) and keep the top fraction γ;
 3. local-loss steps on all local data, the head output straight into the tail, no server (off by default:
    ``sfprompt.local_epochs``);
 4. split steps on the kept data: head activations up, body output down, gradient up, gradient down;
