@@ -20,8 +20,10 @@ from pollinate.client.sfprompt import (
     el2n_per_example,
     el2n_scores,
     keep_top,
+    keep_top_per_class,
     load_trainable_state,
     phase_steps,
+    select_kept,
     train_prompts_and_tail,
     trainable_state,
 )
@@ -121,6 +123,28 @@ def test_keep_top_breaks_ties_by_position_and_rejects_bad_fraction():
         keep_top(np.ones(3), 0)
 
 
+def test_per_class_selection_keeps_the_top_fraction_of_every_class():
+    # Class 1 has the lowest scores overall (what a fresh classifier favouring class 1 gives): a global top-half
+    # drops it entirely, the per-class top-half keeps its hardest half.
+    labels = [0, 1, 0, 1, 2, 1, 0, 2, 1, 2]
+    scores = np.array([0.9, 0.1, 0.8, 0.2, 0.7, 0.3, 0.95, 0.6, 0.15, 0.65])
+    assert not {1, 3, 5, 8} & set(keep_top(scores, 0.5))
+    kept = keep_top_per_class(scores, labels, 0.5)
+    assert kept == [0, 3, 4, 5, 6, 9]  # class 0: 6, 0 of 3; class 1: 5, 3 of 4; class 2: 4, 9 of 3
+    for label in set(labels):
+        members = [i for i, y in enumerate(labels) if y == label]
+        chosen = [i for i in kept if labels[i] == label]
+        assert len(chosen) == -(-len(members) // 2)  # ceil(γ · n_c)
+        assert min(scores[chosen]) >= max(scores[[i for i in members if i not in chosen]], default=-1)
+    # Per-token labels (generation) and keep_per_class=false select over all examples.
+    from pollinate.common.config import SFPromptConfig
+    classification = [{"labels": y} for y in labels]
+    assert select_kept(scores, classification, SFPromptConfig()) == kept
+    assert select_kept(scores, classification, SFPromptConfig(keep_per_class=False)) == keep_top(scores, 0.5)
+    generation = [{"labels": [y, -100]} for y in labels]
+    assert select_kept(scores, generation, SFPromptConfig()) == keep_top(scores, 0.5)
+
+
 @pytest.mark.parametrize("kind", ["llama", "bert"])
 def test_el2n_scores_do_not_depend_on_batching_or_padding(kind):
     model = tiny_llama() if kind == "llama" else tiny_bert()
@@ -171,14 +195,14 @@ def test_kept_examples_are_scored_once_and_reused_until_rescore_is_due():
     context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
     once = SFPromptConfig(keep_fraction=0.5, rescore_every=0)
     kept, scores = kept_examples(context, once, parts, data, 4, 0, server_round=1)
-    assert scores is not None and kept == keep_top(scores, 0.5)
+    assert scores is not None and kept == select_kept(scores, data, once)
     with torch.no_grad():  # the model moves on; with rescore_every=0 the first selection stays
         parts.tail.classifier.weight.add_(torch.randn_like(parts.tail.classifier.weight))
     assert kept_examples(context, once, parts, data, 4, 0, server_round=2) == (kept, None)
     every = SFPromptConfig(keep_fraction=0.5, rescore_every=2)
     assert kept_examples(context, every, parts, data, 4, 0, server_round=2)[1] is None  # 1 round since scoring
     rescored, new_scores = kept_examples(context, every, parts, data, 4, 0, server_round=3)
-    assert new_scores is not None and rescored == keep_top(new_scores, 0.5)
+    assert new_scores is not None and rescored == select_kept(new_scores, data, every)
     # Another fraction or another data size is a new selection; keeping everything needs no scores at all.
     other_fraction = SFPromptConfig(keep_fraction=0.3, rescore_every=0)
     assert kept_examples(context, other_fraction, parts, data, 4, 0, 4)[1] is not None
@@ -400,7 +424,9 @@ def check_split_report(report: dict, method_extra: str) -> None:
 
 @pytest.mark.slow
 def test_simulate_tiny_bert_reports_split_bytes_and_half_gamma_halves_them(tmp_path, classification_file):
-    half = simulate(tmp_path / "half", "--model", "tiny-bert", "--data", str(classification_file))
+    # Global top-γ, the rule (the per-class default keeps Σ ceil(γ · n_class), a few more).
+    half = simulate(tmp_path / "half", "--model", "tiny-bert", "--data", str(classification_file),
+                    "--set", "sfprompt.keep_per_class=false")
     check_split_report(half, "accuracy")
     full = simulate(tmp_path / "full", "--model", "tiny-bert", "--data", str(classification_file),
                     "--set", "sfprompt.keep_fraction=1.0")

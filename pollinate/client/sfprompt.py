@@ -117,6 +117,27 @@ def keep_top(scores: np.ndarray, fraction: float) -> list[int]:
     return sorted(int(i) for i in order[:k])
 
 
+def keep_top_per_class(scores: np.ndarray, labels: list[int], fraction: float) -> list[int]:
+    """Indices (ascending) of the top ``fraction`` of each class by score (at least one per class).
+
+    Under a freshly initialised classifier EL2N mostly measures the class prior: ‖p − e_y‖ is smallest for the
+    class the untrained head happens to favour, and a global top-γ can drop that class altogether (on MiniLM /
+    poem_sentiment it dropped the majority class and the averaged model then predicted a minority one)."""
+    kept: list[int] = []
+    for label in sorted(set(labels)):
+        members = [i for i, y in enumerate(labels) if y == label]
+        kept += [members[j] for j in keep_top(np.asarray(scores)[members], fraction)]
+    return sorted(kept)
+
+
+def select_kept(scores: np.ndarray, encoded: list[dict[str, Any]], sf: SFPromptConfig) -> list[int]:
+    """Top-γ by EL2N: per class for classification data when ``sfprompt.keep_per_class``, else overall."""
+    labels = [example["labels"] for example in encoded]
+    if sf.keep_per_class and labels and all(isinstance(y, int) for y in labels):
+        return keep_top_per_class(scores, labels, sf.keep_fraction)
+    return keep_top(scores, sf.keep_fraction)
+
+
 KEPT_KEY = "sfprompt.kept"
 
 
@@ -137,7 +158,7 @@ def kept_examples(context: Context, sf: SFPromptConfig, parts: SplitParts, encod
         if fresh and int(stored["examples"]) == len(encoded) and float(stored["fraction"]) == sf.keep_fraction:
             return [int(i) for i in stored["indices"]], None
     scores = el2n_scores(parts, encoded, batch_size, pad_id, body if sf.el2n_path == "split" else None)
-    kept = keep_top(scores, sf.keep_fraction)
+    kept = select_kept(scores, encoded, sf)
     context.state[KEPT_KEY] = ConfigRecord({"round": server_round, "examples": len(encoded),
                                             "fraction": sf.keep_fraction, "indices": kept})
     return kept, scores

@@ -221,6 +221,9 @@ class SFPromptConfig:
     prompt_lr: float = _help("AdamW learning rate of the prompts (the tail uses train.lr)", default=1e-2)
     keep_fraction: float = _help("γ: share of local examples with the highest EL2N score kept for split steps",
                                  default=0.5)
+    keep_per_class: bool = _help(
+        "Classification: keep the top γ of each class rather than of all examples, so EL2N under a fresh "
+        "classifier (which mostly measures the class prior) cannot drop a whole class", default=True)
     el2n_path: str = _help(
         "Model EL2N scores with: local = the client's head output straight into its tail (no server, no bytes, "
         "as SFPrompt scores; γ = 0.5 then halves the split plane) | split = head -> server body -> tail, the "

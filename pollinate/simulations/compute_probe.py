@@ -25,7 +25,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
 from pollinate.client import runtime
-from pollinate.client.sfprompt import el2n_scores, keep_top, phase_steps, train_prompts_and_tail
+from pollinate.client.sfprompt import el2n_scores, phase_steps, select_kept, train_prompts_and_tail
 from pollinate.client.split_channel import LocalBody
 from pollinate.common.config import RunConfig, build_config
 from pollinate.common.data import ExampleStream
@@ -106,7 +106,7 @@ def probe(cfg: RunConfig, client: int) -> dict[str, Any]:
     scoring_body = body.body if sf.el2n_path == "split" else None
     scores, el2n_total = counted(lambda: el2n_scores(parts, data.encoded, batch_size, pad_id, scoring_body))
     el2n_server = body.flops
-    kept = keep_top(scores, sf.keep_fraction)
+    kept = select_kept(scores, data.encoded, sf)
     local_steps = phase_steps(sf.local_epochs, data.num_examples, batch_size, sf.local_steps)
     split_steps = phase_steps(sf.split_epochs, len(kept), batch_size, sf.split_steps)
 
