@@ -240,7 +240,7 @@ class SFPromptConfig:
         default=0.0)
     local_steps: int = _help("Cap on local-loss steps per round (0 = no cap)", default=0)
     split_epochs: float = _help("Split-training passes over the kept data per round (head -> server body -> tail)",
-                                default=2.0)
+                                default=3.0)
     split_steps: int = _help("Cap on split steps per round (0 = no cap)", default=0)
     wire_dtype: str = _help(f"Activations and gradients on the split plane: {' | '.join(SPLIT_WIRE_DTYPES)}",
                             default="fp32")
