@@ -227,8 +227,8 @@ class SFPromptConfig:
     el2n_path: str = _help(
         "Model EL2N scores with: local = the client's head output straight into its tail (no server, no bytes, "
         "as SFPrompt scores; γ = 0.5 then halves the split plane) | split = head -> server body -> tail, the "
-        "model the split steps train (a forward-only pass over the split plane: about +50% split bytes at "
-        "γ = 0.5 with 2 split epochs)", default="local")
+        "model the split steps train (a forward-only pass over the split plane: every example's activations "
+        "up and body output down, each round it scores)", default="local")
     rescore_every: int = _help(
         "Re-score EL2N and re-select the kept data every this many rounds (1 = every round, as SFPrompt does; "
         "0 = once, at the client's first round, which saves a forward pass over all local data per round)",
