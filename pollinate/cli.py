@@ -9,7 +9,8 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from pollinate.common.config import ConfigError, RunConfig, build_config, describe_fields, to_toml
+from pollinate.common.config import ConfigError, RunConfig
+from pollinate.common.config_io import build_config, describe_fields, to_toml
 from pollinate.common.data import DataError
 from pollinate.common.models import ModelError
 from pollinate.methods import METHODS
@@ -192,7 +193,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 # --- deployment: coordinator, join, keys ----------------------------------------------------------------------
 def _add_deploy_parsers(sub: argparse._SubParsersAction, fmt: type[argparse.HelpFormatter]) -> None:
-    from pollinate.server.coordinator import DEFAULT_PORT
+    from pollinate.deploy.coordinator import DEFAULT_PORT
 
     coordinator = sub.add_parser(
         "coordinator", formatter_class=fmt, epilog=_config_reference(),
@@ -245,8 +246,8 @@ def _deploy_errors(handler: Callable[[argparse.Namespace], int]) -> Callable[[ar
 
     @functools.wraps(handler)
     def wrapped(args: argparse.Namespace) -> int:
-        from pollinate.client.join import JoinError
-        from pollinate.server.coordinator import CoordinatorError, PortInUseError
+        from pollinate.deploy.coordinator import CoordinatorError, PortInUseError
+        from pollinate.deploy.join import JoinError
 
         try:
             return handler(args)
@@ -275,8 +276,8 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from pollinate.common.report import summary_table
+    from pollinate.deploy.coordinator import Coordinator, CoordinatorSpec
     from pollinate.server.checkpoint import latest_round
-    from pollinate.server.coordinator import Coordinator, CoordinatorSpec
     from pollinate.simulations.run import default_run_dir, preflight
 
     cfg, resume_dir = config_and_resume(args)
@@ -289,7 +290,7 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
     elif args.certs and not cfg.sfprompt.tls_certs:  # the split plane uses the coordinator's certificate too
         from dataclasses import replace
 
-        cfg = replace(cfg, sfprompt=replace(cfg.sfprompt, tls_certs=str(Path(args.certs).expanduser().resolve())))
+        cfg = cfg.with_section("sfprompt", replace(cfg.sfprompt, tls_certs=str(Path(args.certs).expanduser().resolve())))
     spec = CoordinatorSpec(
         run_dir=run_dir, host=args.host, port=args.port, insecure=args.insecure,
         certs_dir=Path(args.certs) if args.certs else None, node_public_keys=[Path(p) for p in args.node_key],
@@ -315,7 +316,7 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
 
 @_deploy_errors
 def cmd_join(args: argparse.Namespace) -> int:
-    from pollinate.client.join import JoinSpec, join
+    from pollinate.deploy.join import JoinSpec, join
 
     ca_cert = None
     if args.certs:
@@ -342,7 +343,7 @@ def cmd_join(args: argparse.Namespace) -> int:
 
 @_deploy_errors
 def cmd_keys(args: argparse.Namespace) -> int:
-    from pollinate.common.keys import create_node_key, init_certs
+    from pollinate.deploy.keys import create_node_key, init_certs
 
     if args.keys_command == "init":
         paths = init_certs(args.dir, args.host, valid_days=args.days, overwrite=args.overwrite)

@@ -21,7 +21,8 @@ os.environ.setdefault("POLLINATE_CACHE", "/tmp/pollinate-cache")
 import torch  # noqa: E402
 
 from pollinate.common.adapters import peft_lora_config, wrap_with_lora  # noqa: E402
-from pollinate.common.config import LoraConfig, RunConfig, build_config  # noqa: E402
+from pollinate.common.config import LoraConfig, RunConfig  # noqa: E402
+from pollinate.common.config_io import build_config  # noqa: E402
 from pollinate.common.data import ExampleStream, encode_generation, generate_skills  # noqa: E402
 from pollinate.common.models import FAMILY_ALL_LINEAR, load_model, load_tokenizer, pick_device, resolve_model  # noqa: E402
 
@@ -53,7 +54,7 @@ def check_lora_training_and_eval(path: str) -> None:
 
 
 def check_quantized_base(path: str, bits: int) -> None:
-    from pollinate.common.quantize import prepare_quantized_model, quantization_config
+    from pollinate.methods.fedpipe.quantize import prepare_quantized_model, quantization_config
 
     tokenizer = load_tokenizer(path)
     torch.manual_seed(0)
@@ -78,7 +79,7 @@ def check_quantized_base(path: str, bits: int) -> None:
 def check_split_exactness(kind: str) -> None:
     from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
 
-    from pollinate.common.splitmodel import split_model, unsplit_forward
+    from pollinate.methods.sfprompt.splitmodel import split_model, unsplit_forward
 
     torch.manual_seed(0)
     device = pick_device()

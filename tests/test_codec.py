@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from pollinate.common.codec import (
+from pollinate.methods.fedpipe.codec import (
     ENCODINGS,
     NF4_CODEBOOK,
     ErrorFeedback,

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from pollinate.common.config import build_config
+from pollinate.common.config_io import build_config
 from pollinate.simulations.compute_probe import FlopCounter, probe
 
 

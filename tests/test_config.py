@@ -3,7 +3,8 @@
 import pytest
 
 from pollinate.cli import main
-from pollinate.common.config import ConfigError, RunConfig, build_config, describe_fields, to_toml
+from pollinate.common.config import ConfigError, RunConfig
+from pollinate.common.config_io import build_config, describe_fields, to_toml
 
 
 def test_defaults_are_valid_and_round_trip_through_json():

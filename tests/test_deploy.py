@@ -14,16 +14,16 @@ from pathlib import Path
 import psutil
 import pytest
 
-from pollinate.client.join import CoordinatorUnreachableError, JoinError, JoinSpec, Node, node_config_arg
-from pollinate.common.keys import create_node_key, init_certs
-from pollinate.common.processes import free_loopback_port
-from pollinate.server.coordinator import (
+from pollinate.deploy.coordinator import (
     Coordinator,
     CoordinatorSpec,
     PortInUseError,
     superlink_argv,
     write_app_dir,
 )
+from pollinate.deploy.join import CoordinatorUnreachableError, JoinError, JoinSpec, Node, node_config_arg
+from pollinate.deploy.keys import create_node_key, init_certs
+from pollinate.deploy.processes import free_loopback_port
 
 FIXTURE_DIR = Path(__file__).parent / "fixtures" / "deploy_app"
 FIXTURE_ENV = {"PYTHONPATH": str(FIXTURE_DIR)}
@@ -152,7 +152,7 @@ def test_sigterm_stops_coordinator_tree_and_node_rejoins_restarted_coordinator(p
     keys = pki["keys"]
     spec = _spec(tmp_path, port, [keys["n1"][1]], pki["certs"], **{"min-nodes": 5})
     script = (
-        "import json, sys; from pathlib import Path; from pollinate.server.coordinator import *; "
+        "import json, sys; from pathlib import Path; from pollinate.deploy.coordinator import *; "
         "spec = CoordinatorSpec(**{**json.loads(sys.argv[1]), 'run_dir': Path(sys.argv[2]), "
         "'certs_dir': Path(sys.argv[3]), 'node_public_keys': [Path(sys.argv[4])]}); "
         "Coordinator(spec, echo=None).run()"

@@ -20,7 +20,7 @@ import pytest
 
 from pollinate.cli import main
 from pollinate.common.data import generate_skills
-from pollinate.common.processes import free_loopback_port
+from pollinate.deploy.processes import free_loopback_port
 
 ROOT = Path(__file__).resolve().parents[1]
 ROUND_TIMEOUT_S = 90  # long enough for a healthy client on a busy 2-core machine, short for the dropped one

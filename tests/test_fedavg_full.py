@@ -13,10 +13,10 @@ from flwr.app import MetricRecord, RecordDict
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from pollinate.common.adapters import load_parameter_state, parameter_state
-from pollinate.common.config import build_config
+from pollinate.common.config_io import build_config
 from pollinate.common.report import RunRecorder
 from pollinate.common.wire import arrays_to_record, record_to_arrays
-from pollinate.server.fedavg_full import FedAvgFull
+from pollinate.methods.fedavg_full.server import FedAvgFull
 
 
 @pytest.fixture(autouse=True, scope="module")

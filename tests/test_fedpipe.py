@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 from flwr.app import Context, MetricRecord, RecordDict
 
-from pollinate.client.fedpipe import apply_downlink
-from pollinate.common.codec import encode_bundle
-from pollinate.common.config import build_config
-from pollinate.common.lowrank import LoraFactors
+from pollinate.common.config_io import build_config
 from pollinate.common.report import RunRecorder
 from pollinate.common.wire import bytes_to_record
-from pollinate.server.fedpipe import FedPipe, factors_for_client, lora_keys
-from pollinate.server.planner import ClientPlan
+from pollinate.methods.fedpipe.client import apply_downlink
+from pollinate.methods.fedpipe.codec import encode_bundle
+from pollinate.methods.fedpipe.lowrank import LoraFactors
+from pollinate.methods.fedpipe.planner import ClientPlan
+from pollinate.methods.fedpipe.server import FedPipe, factors_for_client, lora_keys
 from pollinate.server.strategy import UpdateRejected
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -8,7 +8,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
 
-from pollinate.common.keys import (
+from pollinate.deploy.keys import (
     CertPaths,
     check_ca_cert,
     check_cert_paths,

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from pollinate.common.lowrank import (
+from pollinate.methods.fedpipe.lowrank import (
     LoraFactors,
     aggregate_heterogeneous_lora,
     aggregate_lora_adapters,
@@ -228,7 +228,7 @@ def test_delta_convention_matches_peft_merge():
 
 
 def test_update_space_fedavg_is_exact_with_mixed_ranks_and_a_current_global():
-    from pollinate.common.lowrank import apply_weighted_updates
+    from pollinate.methods.fedpipe.lowrank import apply_weighted_updates
 
     rng = np.random.default_rng(7)
     out_f, in_f = 24, 16

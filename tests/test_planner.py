@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from pollinate.common.profiles import GIB, TIER_PROFILES, ResourceProfile, assign_profiles
-from pollinate.server.planner import (
+from pollinate.methods.fedpipe.planner import (
     SMOLLM2_135M_CONFIG,
     ClientPlan,
     ModelSpec,
@@ -334,7 +334,7 @@ def test_combine_importance_skips_all_zero_clients_and_rejects_negatives():
 
 def test_param_budget_caps_every_plan_and_keeps_the_most_important_modules():
     from pollinate.common.profiles import assign_profiles
-    from pollinate.server.planner import (
+    from pollinate.methods.fedpipe.planner import (
         SMOLLM2_135M_CONFIG,
         PlanOptions,
         adapter_param_count,

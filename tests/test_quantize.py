@@ -6,7 +6,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from pollinate.common.quantize import (
+from pollinate.methods.fedpipe.quantize import (
     is_quantized,
     load_quantized,
     prepare_quantized_model,

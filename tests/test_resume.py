@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from pollinate.cli import main
-from pollinate.common.config import RunConfig, build_config, to_toml
+from pollinate.common.config import RunConfig
+from pollinate.common.config_io import build_config, to_toml
 from pollinate.common.report import RunRecorder
 from pollinate.server.checkpoint import (
     ResumeError,

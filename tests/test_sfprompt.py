@@ -15,7 +15,12 @@ import torch
 from flwr.app import ConfigRecord
 from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
 
-from pollinate.client.sfprompt import (
+from pollinate.common.config import ConfigError, RunConfig
+from pollinate.common.config_io import build_config
+from pollinate.common.data import ExampleStream, collate
+from pollinate.common.report import RunRecorder
+from pollinate.methods.sfprompt.channel import LocalBody, SplitCallError, SplitChannel
+from pollinate.methods.sfprompt.client import (
     el2n,
     el2n_per_example,
     el2n_scores,
@@ -27,12 +32,8 @@ from pollinate.client.sfprompt import (
     train_prompts_and_tail,
     trainable_state,
 )
-from pollinate.client.split_channel import LocalBody, SplitCallError, SplitChannel
-from pollinate.common.config import ConfigError, RunConfig, build_config
-from pollinate.common.data import ExampleStream, collate
-from pollinate.common.report import RunRecorder
-from pollinate.common.splitmodel import IGNORE_INDEX, split_model, unsplit_forward
-from pollinate.server.sfprompt import PromptedSplitModel, SFPrompt
+from pollinate.methods.sfprompt.server import PromptedSplitModel, SFPrompt
+from pollinate.methods.sfprompt.splitmodel import IGNORE_INDEX, split_model, unsplit_forward
 
 VOCAB, PROMPT = 128, 3
 
@@ -137,7 +138,7 @@ def test_per_class_selection_keeps_the_top_fraction_of_every_class():
         assert len(chosen) == -(-len(members) // 2)  # ceil(γ · n_c)
         assert min(scores[chosen]) >= max(scores[[i for i in members if i not in chosen]], default=-1)
     # Per-token labels (generation) and keep_per_class=false select over all examples.
-    from pollinate.common.config import SFPromptConfig
+    from pollinate.methods.sfprompt.config import SFPromptConfig
     classification = [{"labels": y} for y in labels]
     assert select_kept(scores, classification, SFPromptConfig()) == kept
     assert select_kept(scores, classification, SFPromptConfig(keep_per_class=False)) == keep_top(scores, 0.5)
@@ -187,8 +188,8 @@ def test_el2n_through_the_body_scores_the_unsplit_model_and_holds_no_graph(kind)
 def test_kept_examples_are_scored_once_and_reused_until_rescore_is_due():
     from flwr.app import Context, RecordDict
 
-    from pollinate.client.sfprompt import kept_examples
-    from pollinate.common.config import SFPromptConfig
+    from pollinate.methods.sfprompt.config import SFPromptConfig
+    from pollinate.methods.sfprompt.client import kept_examples
 
     parts = split_model(tiny_bert(), 1, 1, PROMPT, generator=torch.Generator().manual_seed(0))
     data = classification_examples(10)
@@ -346,7 +347,7 @@ def test_split_service_refuses_a_token_it_never_issued(strategy):
 
 
 def test_with_coordinator_certs_the_split_plane_is_tls_and_clients_get_the_ca(tmp_path):
-    from pollinate.common.keys import init_certs
+    from pollinate.deploy.keys import init_certs
 
     certs = init_certs(tmp_path / "certs", ["localhost"]).ca_cert.parent
     cfg = build_config(overrides=["model.name=tiny-llama", "method=sfprompt", "federation.clients=2",

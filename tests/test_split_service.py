@@ -11,10 +11,10 @@ import pytest
 import torch
 from test_splitmodel import PROMPT, assert_split_matches_unsplit, padded_batch, tiny_bert, tiny_llama
 
-from pollinate.client.split_channel import LocalBody, SplitCallError, SplitChannel
-from pollinate.common.splitmodel import encode_tensor, split_model
+from pollinate.methods.sfprompt.channel import LocalBody, SplitCallError, SplitChannel
+from pollinate.methods.sfprompt.service import SplitBodyService, SplitRejected, TokenRegistry, start_split_server
+from pollinate.methods.sfprompt.splitmodel import encode_tensor, split_model
 from pollinate.protos import split_pb2, split_pb2_grpc
-from pollinate.server.split_service import SplitBodyService, SplitRejected, TokenRegistry, start_split_server
 
 HIDDEN = 64
 Code = grpc.StatusCode

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
 
-from pollinate.common.splitmodel import (
+from pollinate.methods.sfprompt.splitmodel import (
     IGNORE_INDEX,
     SoftPrompt,
     TensorDecodeError,

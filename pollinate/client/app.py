@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import logging
 import warnings
 
@@ -10,13 +9,13 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from pollinate.common.config import RunConfig
-from pollinate.methods import method_module
+from pollinate.methods import get_method
 
 app = ClientApp()
 
 
 def client_half(method: str):
-    return importlib.import_module(f"pollinate.client.{method_module(method)}")
+    return get_method(method).client_half()
 
 
 def _run_config(msg: Message) -> RunConfig:

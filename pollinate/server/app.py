@@ -8,7 +8,6 @@ strategy's round numbers continuing where they stopped.
 
 from __future__ import annotations
 
-import importlib
 import random
 import time
 import tomllib
@@ -19,16 +18,17 @@ import numpy as np
 from flwr.app import ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
-from pollinate.common.config import ConfigError, RunConfig, to_toml
+from pollinate.common.config import ConfigError, RunConfig
+from pollinate.common.config_io import to_toml
 from pollinate.common.models import resolve_model
 from pollinate.common.report import RunRecorder, atomic_write_text
 from pollinate.common.wire import arrays_to_record
-from pollinate.methods import method_module
+from pollinate.methods import get_method
 from pollinate.server.checkpoint import find_resume_point, restore_rng_state
 
 
 def server_half(method: str):
-    return importlib.import_module(f"pollinate.server.{method_module(method)}")
+    return get_method(method).server_half()
 
 
 def run_server(grid: Grid, cfg: RunConfig, run_dir: Path, quiet: bool = False, resume: bool = False,

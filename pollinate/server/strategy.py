@@ -14,6 +14,7 @@ aggregates replies, and how its global state becomes a model to evaluate and sav
 
 from __future__ import annotations
 
+import json
 import time
 from abc import abstractmethod
 from collections.abc import Iterable
@@ -25,11 +26,12 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from pollinate.common.codec import UpdateRejected  # one rejection type for every validation path
 from pollinate.common.config import RunConfig
 from pollinate.common.profiles import ResourceProfile, comm_seconds
 from pollinate.common.report import RunRecorder
 from pollinate.common.wire import arrays_to_record, record_to_arrays, wire_bytes
+from pollinate.methods import get_method
+from pollinate.methods.fedpipe.codec import UpdateRejected  # one rejection type for every validation path
 from pollinate.server.checkpoint import round_state, save_round
 
 
@@ -90,6 +92,8 @@ class PollinateStrategy(FedAvg):
         self.round_offset = 0  # rounds completed before this process started (resume)
         self._client_of_node: dict[int, int] = {}  # names dropped nodes in the report
         self._sent: list[Message] = []
+        # What a client half reads of the config: the core sections it uses and its method's own, no others.
+        self.client_config = json.dumps(cfg.sections_for(get_method(cfg.method).client_sections), sort_keys=True)
 
     # --- what a method says -------------------------------------------------------------------------
     @abstractmethod
@@ -169,7 +173,7 @@ class PollinateStrategy(FedAvg):
         self._down, self._clients = {}, []
         self.global_arrays = arrays  # the global state this round starts from (aggregate may need it)
         sampled = super().configure_train(server_round, arrays, config, grid)
-        config = ConfigRecord({**dict(config), "server-round": server_round, "run-config": self.cfg.to_json()})
+        config = ConfigRecord({**dict(config), "server-round": server_round, "run-config": self.client_config})
         messages = []
         for msg in sampled:
             node_id = msg.metadata.dst_node_id

@@ -25,13 +25,14 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
 from pollinate.client import runtime
-from pollinate.client.sfprompt import el2n_scores, phase_steps, select_kept, train_prompts_and_tail
-from pollinate.client.split_channel import LocalBody
-from pollinate.common.config import RunConfig, build_config
+from pollinate.common.config import RunConfig
+from pollinate.common.config_io import build_config
 from pollinate.common.data import ExampleStream
 from pollinate.common.lmloss import training_loss
 from pollinate.common.models import load_model
-from pollinate.common.splitmodel import split_model
+from pollinate.methods.sfprompt.channel import LocalBody
+from pollinate.methods.sfprompt.client import el2n_scores, phase_steps, select_kept, train_prompts_and_tail
+from pollinate.methods.sfprompt.splitmodel import split_model
 
 
 class FlopCounter(TorchDispatchMode):

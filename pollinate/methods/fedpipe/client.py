@@ -22,11 +22,11 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from pollinate.client import runtime
 from pollinate.common.adapters import adapter_state, load_adapter_state, peft_lora_config
-from pollinate.common.codec import ErrorFeedback, decode_bundle
 from pollinate.common.config import RunConfig
 from pollinate.common.data import ExampleStream
 from pollinate.common.models import FAMILY_ALL_LINEAR, model_device, resolve_model
 from pollinate.common.wire import bytes_to_record, record_to_arrays, record_to_bytes
+from pollinate.methods.fedpipe.codec import ErrorFeedback, decode_bundle
 
 HELD_KEY, RESIDUAL_KEY, VERSION_KEY = "fedpipe.held", "fedpipe.residual", "fedpipe.version"
 
@@ -101,7 +101,7 @@ def planned_model(cfg: RunConfig, plan: dict[str, Any], num_labels: int, client_
     def build_base():
         if bits >= 32:
             return runtime.base_model(cfg, num_labels, tag="fedpipe-32")
-        from pollinate.common.quantize import prepare_quantized_model, quantization_config
+        from pollinate.methods.fedpipe.quantize import prepare_quantized_model, quantization_config
 
         return prepare_quantized_model(runtime.base_model(cfg, num_labels, quantization_config(bits),
                                                           tag=f"fedpipe-{bits}"))

@@ -25,12 +25,13 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from pollinate.client import runtime
-from pollinate.client.split_channel import SplitChannel
 from pollinate.common.adapters import load_parameter_state, parameter_state
-from pollinate.common.config import RunConfig, SFPromptConfig
+from pollinate.common.config import RunConfig
 from pollinate.common.data import ExampleStream, collate
-from pollinate.common.splitmodel import SplitParts, TailOutput, split_model
 from pollinate.common.wire import arrays_to_record, record_to_arrays
+from pollinate.methods.sfprompt.channel import SplitChannel
+from pollinate.methods.sfprompt.config import SFPromptConfig
+from pollinate.methods.sfprompt.splitmodel import SplitParts, TailOutput, split_model
 
 BodyFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 

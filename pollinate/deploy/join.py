@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
-from pollinate.common.keys import check_ca_cert, load_node_private_key
-from pollinate.common.processes import (
+from pollinate.deploy.keys import check_ca_cert, load_node_private_key
+from pollinate.deploy.processes import (
     ChildProcess,
     child_env,
     flwr_executable,

@@ -29,10 +29,10 @@ from pollinate.common.adapters import load_parameter_state, parameter_state
 from pollinate.common.config import RunConfig
 from pollinate.common.models import load_model
 from pollinate.common.report import RunRecorder
-from pollinate.common.splitmodel import SplitParts, TailOutput, split_model
 from pollinate.common.wire import arrays_to_record, record_to_arrays
+from pollinate.methods.sfprompt.service import TokenRegistry, start_split_server
+from pollinate.methods.sfprompt.splitmodel import SplitParts, TailOutput, split_model
 from pollinate.server.evaluation import ServerEvaluator
-from pollinate.server.split_service import TokenRegistry, start_split_server
 from pollinate.server.strategy import StateFedAvg
 
 SPLIT_FIELDS = ("split_bytes_up", "split_bytes_down", "kept_examples", "client_time_share",

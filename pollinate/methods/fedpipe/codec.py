@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from google.protobuf.message import DecodeError
 
-from pollinate.common.lowrank import factorize_delta
+from pollinate.methods.fedpipe.lowrank import factorize_delta
 from pollinate.protos import update_pb2 as pb
 
 __all__ = [

@@ -27,8 +27,8 @@ from typing import TextIO
 import httpx
 import tomli_w
 
-from pollinate.common.keys import CertPaths, check_cert_paths, load_node_public_key
-from pollinate.common.processes import ChildProcess, child_env, flwr_executable, port_in_use, stop_on_signals
+from pollinate.deploy.keys import CertPaths, check_cert_paths, load_node_public_key
+from pollinate.deploy.processes import ChildProcess, child_env, flwr_executable, port_in_use, stop_on_signals
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ import grpc
 import torch
 from torch import nn
 
-from pollinate.common.splitmodel import WIRE_DTYPES, WireDType, decode_tensor, encode_tensor
+from pollinate.methods.sfprompt.splitmodel import WIRE_DTYPES, WireDType, decode_tensor, encode_tensor
 from pollinate.protos import split_pb2, split_pb2_grpc
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
@@ -197,7 +197,7 @@ class LocalBody(_SplitClient):
     def __init__(self, body: nn.Module, *, wire_dtype: WireDType = "fp32", session_id: str | None = None,
                  **service_kwargs: Any) -> None:
         # Imported here: the edge client's real path (SplitChannel) must not need server code.
-        from pollinate.server.split_service import SplitBodyService, SplitRejected, TokenRegistry
+        from pollinate.methods.sfprompt.service import SplitBodyService, SplitRejected, TokenRegistry
 
         tokens = TokenRegistry()
         super().__init__(tokens.issue("local", 0, ttl_s=365 * 24 * 3600.0), session_id, wire_dtype)

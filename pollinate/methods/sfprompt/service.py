@@ -36,7 +36,7 @@ import grpc
 import torch
 from torch import nn
 
-from pollinate.common.splitmodel import TensorDecodeError, decode_tensor, encode_tensor
+from pollinate.methods.sfprompt.splitmodel import TensorDecodeError, decode_tensor, encode_tensor
 from pollinate.protos import split_pb2, split_pb2_grpc
 
 logger = logging.getLogger(__name__)

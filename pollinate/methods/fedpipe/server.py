@@ -28,15 +28,14 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
-from pollinate.common.codec import decode_bundle, encode_bundle
 from pollinate.common.config import ConfigError, RunConfig
-from pollinate.common.lowrank import LoraFactors, apply_weighted_updates, reproject_lora
 from pollinate.common.models import FAMILY_ALL_LINEAR, load_model
 from pollinate.common.profiles import ResourceProfile
 from pollinate.common.report import RunRecorder
 from pollinate.common.wire import arrays_to_record, bytes_to_record, record_to_arrays, record_to_bytes
-from pollinate.server.evaluation import ServerEvaluator
-from pollinate.server.planner import (
+from pollinate.methods.fedpipe.codec import decode_bundle, encode_bundle
+from pollinate.methods.fedpipe.lowrank import LoraFactors, apply_weighted_updates, reproject_lora
+from pollinate.methods.fedpipe.planner import (
     ClientPlan,
     PlanInfeasible,
     PlanOptions,
@@ -44,6 +43,7 @@ from pollinate.server.planner import (
     model_spec_from_model,
     plan_clients,
 )
+from pollinate.server.evaluation import ServerEvaluator
 from pollinate.server.strategy import PollinateStrategy, UpdateRejected
 
 # Bytes per adapter parameter on the wire, per encoding (what the planner's time model charges).
@@ -134,7 +134,7 @@ class FedPipe(PollinateStrategy):
 
     def _prepare_nodes(self, grid: Grid, node_ids: list[int], server_round: int) -> None:
         """Ask ``node_ids`` for profile + importance scores; the first call fixes the run's importance map."""
-        config = ConfigRecord({"server-round": server_round, "run-config": self.cfg.to_json()})
+        config = ConfigRecord({"server-round": server_round, "run-config": self.client_config})
         messages = [Message(content=RecordDict({"config": config}), dst_node_id=n, message_type="train.prepare")
                     for n in node_ids]
         scores, weights, profiles, clients = [], [], [], []
