@@ -22,7 +22,7 @@ from pollinate.cli import main
 from pollinate.common.data import generate_skills
 from pollinate.deploy.processes import free_loopback_port
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 ROUND_TIMEOUT_S = 90  # long enough for a healthy client on a busy 2-core machine, short for the dropped one
 RUN_OPTIONS = [
     "--model", "tiny-llama", "--clients", "3", "--rounds", "3", "--set", "data.eval_examples=8",

@@ -14,7 +14,7 @@ from pollinate.cli import main
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def run_cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:

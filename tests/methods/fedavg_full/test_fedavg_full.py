@@ -90,7 +90,7 @@ def test_simulate_tiny_llama_sends_the_whole_model_both_ways(tmp_path):
     out = tmp_path / "full"
     args = ["simulate", "--method", "fedavg-full", "--model", "tiny-llama", "--clients", "2", "--rounds", "2",
             "--out", str(out), "--quiet", "--set", "data.train_examples=60", "--set", "data.eval_examples=10"]
-    proc = subprocess.run([sys.executable, "-m", "pollinate.cli", *args], cwd=Path(__file__).parents[1],
+    proc = subprocess.run([sys.executable, "-m", "pollinate.cli", *args], cwd=Path(__file__).resolve().parents[3],
                           capture_output=True, text=True, timeout=900, env=os.environ.copy())
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())

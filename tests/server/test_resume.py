@@ -27,7 +27,7 @@ from pollinate.server.checkpoint import (
     save_round,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _fake_run(run_dir: Path, cfg: RunConfig, rounds: int = 2, extra: dict | None = None) -> None:

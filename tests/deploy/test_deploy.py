@@ -25,7 +25,7 @@ from pollinate.deploy.join import CoordinatorUnreachableError, JoinError, JoinSp
 from pollinate.deploy.keys import create_node_key, init_certs
 from pollinate.deploy.processes import free_loopback_port
 
-FIXTURE_DIR = Path(__file__).parent / "fixtures" / "deploy_app"
+FIXTURE_DIR = Path(__file__).resolve().parents[1] / "fixtures" / "deploy_app"
 FIXTURE_ENV = {"PYTHONPATH": str(FIXTURE_DIR)}
 SERVER_APP = "pollinate_deploy_fixture:server_app"
 CLIENT_APP = "pollinate_deploy_fixture:client_app"

@@ -82,7 +82,7 @@ def test_csv_and_saved_dataset_load_with_configured_fields(tmp_path):
 def test_real_classification_file_partitions_by_label():
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "poem_sentiment" / "train.jsonl"
+    path = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "poem_sentiment" / "train.jsonl"
     if not path.exists():
         pytest.skip("../shared/data is not beside the checkout")
     cfg = DataConfig(source=str(path), partition="pathological", classes_per_client=1, eval_examples=20)

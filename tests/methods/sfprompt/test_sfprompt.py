@@ -380,7 +380,7 @@ def test_save_final_writes_the_prompt_and_tail_state(strategy, tmp_path):
 
 
 # --------------------------------------------------------------------------------------------- end to end
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def simulate(out: Path, *args: str) -> dict:

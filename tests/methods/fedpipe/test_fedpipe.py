@@ -20,7 +20,7 @@ from pollinate.methods.fedpipe.planner import ClientPlan
 from pollinate.methods.fedpipe.server import FedPipe, factors_for_client, lora_keys
 from pollinate.server.strategy import UpdateRejected
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 MODULE = "model.layers.0.self_attn.q_proj"
 
 
