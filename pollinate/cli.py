@@ -287,16 +287,13 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
                           f"{run_dir} or choose another --out")
     if args.insecure:
         _insecure_banner("the coordinator")
-    elif args.certs and not cfg.sfprompt.tls_certs:  # the split plane uses the coordinator's certificate too
-        from dataclasses import replace
-
-        cfg = cfg.with_section("sfprompt", replace(cfg.sfprompt, tls_certs=str(Path(args.certs).expanduser().resolve())))
     spec = CoordinatorSpec(
         run_dir=run_dir, host=args.host, port=args.port, insecure=args.insecure,
         certs_dir=Path(args.certs) if args.certs else None, node_public_keys=[Path(p) for p in args.node_key],
         public_address=args.public_address,
         # The ServerApp builds its RunConfig from this text; clients get the config inside every message.
-        run_config={"config-toml": to_toml(cfg), "run-dir": str(run_dir), "resume": resume_dir is not None},
+        run_config={"config-toml": to_toml(cfg), "run-dir": str(run_dir), "resume": resume_dir is not None,
+                    **deployment_facts(args).to_run_config()},
     )
     coordinator = Coordinator(spec)
     coordinator.check()  # certs, keys and port before the model and data are loaded
@@ -312,6 +309,15 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
     console.print(summary_table(json.loads((run_dir / "report.json").read_text())))
     print(f"report: {run_dir / 'report.json'}  (and report.md, metrics.jsonl, checkpoints/, adapter/)")
     return 0
+
+
+def deployment_facts(args: argparse.Namespace):
+    """What the ServerApp's method halves need to know of the coordinator's network (e.g. SFPrompt's service)."""
+    from pollinate.server.deployment import Deployment
+
+    public_host = args.public_address.rsplit(":", 1)[0] if args.public_address else args.host
+    certs = None if args.insecure or not args.certs else Path(args.certs).expanduser().resolve()
+    return Deployment(host=args.host, public_host=public_host.strip("[]"), certs_dir=certs)
 
 
 @_deploy_errors

@@ -66,7 +66,8 @@ class DataConfig:
         default="",
     )
     partition: str = config_field("iid | dirichlet | pathological", default="dirichlet")
-    dirichlet_alpha: float = config_field("Concentration for dirichlet partitioning (smaller = more skewed)", default=0.5)
+    dirichlet_alpha: float = config_field("Concentration for dirichlet partitioning (smaller = more skewed)",
+                                          default=0.5)
     classes_per_client: int = config_field("Classes/skills per client for pathological partitioning", default=1)
     train_examples: int = config_field("Built-in task: training examples to generate (0 = all of a file)", default=800)
     eval_examples: int = config_field("Held-out examples evaluated on the server each round", default=60)
@@ -96,7 +97,8 @@ class FederationConfig:
     scenario: str = config_field(
         "Simulation: resource profiles assigned to clients (uniform | tiers | mixed); enforced: a client's "
         "round time is its compute (scaled to its profile) + bytes / its bandwidth", default="uniform")
-    deadline_s: float = config_field("Round deadline a client must meet (compute + communication), seconds", default=120.0)
+    deadline_s: float = config_field("Round deadline a client must meet (compute + communication), seconds",
+                                     default=120.0)
 
     def __post_init__(self) -> None:
         require(self.clients >= 1, "federation.clients", self.clients, "an int >= 1")

@@ -25,6 +25,7 @@ from pollinate.common.report import RunRecorder, atomic_write_text
 from pollinate.common.wire import arrays_to_record
 from pollinate.methods import get_method
 from pollinate.server.checkpoint import find_resume_point, restore_rng_state
+from pollinate.server.deployment import Deployment
 
 
 def server_half(method: str):
@@ -32,7 +33,7 @@ def server_half(method: str):
 
 
 def run_server(grid: Grid, cfg: RunConfig, run_dir: Path, quiet: bool = False, resume: bool = False,
-               deployed: bool = False) -> dict[str, Any]:
+               deployment: Deployment | None = None) -> dict[str, Any]:
     """One complete federated run on ``grid``; returns the report (also written to ``run_dir``).
 
     Parameters
@@ -48,9 +49,10 @@ def run_server(grid: Grid, cfg: RunConfig, run_dir: Path, quiet: bool = False, r
     resume : bool, default False
         Continue ``run_dir`` after its last complete round; raises ``ResumeError`` before writing anything
         when it cannot (no checkpoint, a differing config).
-    deployed : bool, default False
-        Real SuperNodes: wait until ``federation.clients`` have joined, then let later rounds go on with the
-        nodes still connected (at least ``min_clients``), so a client that left does not stall the run.
+    deployment : Deployment or None, default None
+        Real SuperNodes (the coordinator's network facts): wait until ``federation.clients`` have joined, then
+        let later rounds go on with the nodes still connected (at least ``min_clients``), so a client that left
+        does not stall the run.
     """
     run_dir = Path(run_dir)
     point = find_resume_point(run_dir, cfg) if resume else None
@@ -66,7 +68,7 @@ def run_server(grid: Grid, cfg: RunConfig, run_dir: Path, quiet: bool = False, r
         # Node sampling (python random) and any numpy use on the server follow the run seed.
         random.seed(cfg.federation.seed)
         np.random.seed(cfg.federation.seed % 2**32)
-    strategy = server_half(cfg.method).make_strategy(cfg, recorder, run_dir)
+    strategy = server_half(cfg.method).make_strategy(cfg, recorder, run_dir, deployment)
     try:
         initial = strategy.initial_arrays()
         if point is not None:
@@ -74,7 +76,7 @@ def run_server(grid: Grid, cfg: RunConfig, run_dir: Path, quiet: bool = False, r
             recorder.restore(point.history, point.server_round)
             strategy.restore_state(point.extra)
             initial = arrays_to_record(point.arrays)
-        if deployed:
+        if deployment is not None:
             wait_for_clients(grid, cfg.federation.clients, recorder)
             # From here on a round samples the connected nodes; one that left is not waited for.
             strategy.min_available_nodes = strategy.min_train_nodes = max(1, cfg.federation.min_clients)
@@ -126,4 +128,5 @@ def main(grid: Grid, context: Context) -> None:
     if "run-dir" not in run_config:
         raise ConfigError("the Flower run config has no 'run-dir' entry; start runs with `pollinate coordinator`")
     run_server(grid, config_from_run_config(run_config), Path(str(run_config["run-dir"])),
-               resume=bool(run_config.get("resume", False)), deployed=True)
+               resume=bool(run_config.get("resume", False)),
+               deployment=Deployment.from_run_config(run_config) or Deployment("127.0.0.1", "127.0.0.1"))

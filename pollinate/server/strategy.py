@@ -26,35 +26,14 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
+from pollinate.common.checks import UpdateRejected, check_arrays  # noqa: F401  (re-exported for methods)
 from pollinate.common.config import RunConfig
 from pollinate.common.profiles import ResourceProfile, comm_seconds
 from pollinate.common.report import RunRecorder
 from pollinate.common.wire import arrays_to_record, record_to_arrays, wire_bytes
 from pollinate.methods import get_method
-from pollinate.methods.fedpipe.codec import UpdateRejected  # one rejection type for every validation path
 from pollinate.server.checkpoint import round_state, save_round
-
-
-def check_arrays(arrays: dict[str, np.ndarray], expected: dict[str, tuple[int, ...]],
-                 norm_bound: float | None = None) -> None:
-    """Every expected tensor present with its shape, float32, finite, and (optionally) norm-bounded."""
-    unknown = sorted(set(arrays) - set(expected))
-    if unknown:
-        raise UpdateRejected(f"unknown tensor name '{unknown[0]}'")
-    missing = sorted(set(expected) - set(arrays))
-    if missing:
-        raise UpdateRejected(f"missing tensor '{missing[0]}'")
-    for name, value in arrays.items():
-        if tuple(value.shape) != tuple(expected[name]):
-            raise UpdateRejected(f"tensor '{name}' has shape {tuple(value.shape)}, expected {tuple(expected[name])}")
-        if value.dtype != np.float32:
-            raise UpdateRejected(f"tensor '{name}' has dtype {value.dtype}, expected float32")
-        if not np.isfinite(value).all():
-            raise UpdateRejected(f"tensor '{name}' contains NaN or Inf")
-    if norm_bound is not None:
-        norm = float(np.sqrt(sum(float(np.square(v, dtype=np.float64).sum()) for v in arrays.values())))
-        if norm > norm_bound:
-            raise UpdateRejected(f"update L2 norm {norm:.3g} exceeds the bound {norm_bound:.3g}")
+from pollinate.server.deployment import Deployment
 
 
 def weighted_average(states: list[dict[str, np.ndarray]], weights: list[float]) -> dict[str, np.ndarray]:
@@ -74,13 +53,14 @@ def weighted_average(states: list[dict[str, np.ndarray]], weights: list[float]) 
 class PollinateStrategy(FedAvg):
     """Shared mechanics for every method; see the module docstring."""
 
-    def __init__(self, cfg: RunConfig, recorder: RunRecorder, run_dir: Path):
+    def __init__(self, cfg: RunConfig, recorder: RunRecorder, run_dir: Path, deployment: Deployment | None = None):
         n = cfg.federation.clients
         super().__init__(
             fraction_train=cfg.federation.fraction_train, fraction_evaluate=0.0,
             min_train_nodes=max(1, round(n * cfg.federation.fraction_train)), min_available_nodes=n,
         )
         self.cfg = cfg
+        self.deployment = deployment  # None in simulation
         self.recorder = recorder
         self.run_dir = Path(run_dir)
         self.min_replies = cfg.federation.min_clients or 1

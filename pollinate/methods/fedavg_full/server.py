@@ -18,6 +18,7 @@ from pollinate.common.config import RunConfig
 from pollinate.common.models import load_model
 from pollinate.common.report import RunRecorder
 from pollinate.common.wire import arrays_to_record, record_to_arrays
+from pollinate.server.deployment import Deployment
 from pollinate.server.evaluation import ServerEvaluator
 from pollinate.server.strategy import StateFedAvg
 
@@ -25,8 +26,8 @@ from pollinate.server.strategy import StateFedAvg
 class FedAvgFull(StateFedAvg):
     """FedAvg over all model parameters; settings in ``RunConfig`` (``[train]``, ``[federation]``, ...)."""
 
-    def __init__(self, cfg: RunConfig, recorder: RunRecorder, run_dir: Path):
-        super().__init__(cfg, recorder, run_dir)
+    def __init__(self, cfg: RunConfig, recorder: RunRecorder, run_dir: Path, deployment: Deployment | None = None):
+        super().__init__(cfg, recorder, run_dir, deployment)
         self.evaluator = ServerEvaluator(cfg)
         torch.manual_seed(cfg.federation.seed)  # a fresh classifier head is a function of the seed
         evaluator = self.evaluator
@@ -48,5 +49,6 @@ class FedAvgFull(StateFedAvg):
         return {"adapter_dir": None, "model_dir": str(model_dir)}
 
 
-def make_strategy(cfg: RunConfig, recorder: RunRecorder, run_dir: Path) -> FedAvgFull:
-    return FedAvgFull(cfg, recorder, run_dir)
+def make_strategy(cfg: RunConfig, recorder: RunRecorder, run_dir: Path,
+                  deployment: Deployment | None = None) -> FedAvgFull:
+    return FedAvgFull(cfg, recorder, run_dir, deployment)

@@ -17,6 +17,7 @@ from pollinate.common.config import RunConfig
 from pollinate.common.models import load_model
 from pollinate.common.report import RunRecorder
 from pollinate.common.wire import arrays_to_record, record_to_arrays
+from pollinate.server.deployment import Deployment
 from pollinate.server.evaluation import ServerEvaluator
 from pollinate.server.strategy import StateFedAvg
 
@@ -24,8 +25,8 @@ from pollinate.server.strategy import StateFedAvg
 class FedAvgLora(StateFedAvg):
     """FedAvg over peft LoRA adapters; all parameters in ``RunConfig`` (``[lora]``, ``[train]``, ...)."""
 
-    def __init__(self, cfg: RunConfig, recorder: RunRecorder, run_dir: Path):
-        super().__init__(cfg, recorder, run_dir)
+    def __init__(self, cfg: RunConfig, recorder: RunRecorder, run_dir: Path, deployment: Deployment | None = None):
+        super().__init__(cfg, recorder, run_dir, deployment)
         self.evaluator = ServerEvaluator(cfg)
         torch.manual_seed(cfg.federation.seed)  # the initial adapter is a function of the seed
         base = load_model(self.evaluator.model_path, self.evaluator.task.task_type, self.evaluator.num_labels)
@@ -47,5 +48,6 @@ class FedAvgLora(StateFedAvg):
         return {"adapter_dir": str(adapter_dir)}
 
 
-def make_strategy(cfg: RunConfig, recorder: RunRecorder, run_dir: Path) -> FedAvgLora:
-    return FedAvgLora(cfg, recorder, run_dir)
+def make_strategy(cfg: RunConfig, recorder: RunRecorder, run_dir: Path,
+                  deployment: Deployment | None = None) -> FedAvgLora:
+    return FedAvgLora(cfg, recorder, run_dir, deployment)

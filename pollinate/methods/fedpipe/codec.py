@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from google.protobuf.message import DecodeError
 
+from pollinate.common.checks import UpdateRejected
 from pollinate.methods.fedpipe.lowrank import factorize_delta
 from pollinate.protos import update_pb2 as pb
 
@@ -76,20 +77,6 @@ NF4_CODEBOOK = np.array(
     dtype=np.float32,
 )  # fmt: skip
 _NF4_MIDPOINTS = (NF4_CODEBOOK[1:] + NF4_CODEBOOK[:-1]) / 2
-
-
-class UpdateRejected(ValueError):
-    """An incoming bundle failed validation.
-
-    ``reason`` is a short machine-readable tag for metrics (``"size"``, ``"garbled"``, ``"version"``,
-    ``"duplicate"``, ``"unknown-tensor"``, ``"shape"``, ``"encoding"``, ``"dtype"``, ``"payload-length"``,
-    ``"index"``, ``"non-finite"``, ``"norm"``); ``tensor`` names the offending tensor when there is one.
-    """
-
-    def __init__(self, message: str, *, reason: str = "invalid", tensor: str | None = None) -> None:
-        super().__init__(message)
-        self.reason = reason
-        self.tensor = tensor
 
 
 @dataclass

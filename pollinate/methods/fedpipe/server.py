@@ -43,6 +43,7 @@ from pollinate.methods.fedpipe.planner import (
     model_spec_from_model,
     plan_clients,
 )
+from pollinate.server.deployment import Deployment
 from pollinate.server.evaluation import ServerEvaluator
 from pollinate.server.strategy import PollinateStrategy, UpdateRejected
 
@@ -86,8 +87,8 @@ def factors_for_client(global_factors: LoraFactors | None, module: str, rank: in
 class FedPipe(PollinateStrategy):
     """FedPipe server half; parameters in ``[fedpipe]``, ``[federation]`` (scenario, deadline) and ``[train]``."""
 
-    def __init__(self, cfg: RunConfig, recorder: RunRecorder, run_dir: Path):
-        super().__init__(cfg, recorder, run_dir)
+    def __init__(self, cfg: RunConfig, recorder: RunRecorder, run_dir: Path, deployment: Deployment | None = None):
+        super().__init__(cfg, recorder, run_dir, deployment)
         self.evaluator = ServerEvaluator(cfg)
         if self.evaluator.task.task_type != "generation":
             raise ConfigError("method 'fedpipe' supports generation (decoder) models; got a classification task")
@@ -326,5 +327,6 @@ def _plan_summary(plan: ClientPlan) -> dict[str, Any]:
             "est_compute_s": round(plan.est_compute_s, 2), "est_comm_s": round(plan.est_comm_s, 2)}
 
 
-def make_strategy(cfg: RunConfig, recorder: RunRecorder, run_dir: Path) -> FedPipe:
-    return FedPipe(cfg, recorder, run_dir)
+def make_strategy(cfg: RunConfig, recorder: RunRecorder, run_dir: Path,
+                  deployment: Deployment | None = None) -> FedPipe:
+    return FedPipe(cfg, recorder, run_dir, deployment)

@@ -39,8 +39,8 @@ class SFPromptConfig:
         "lost more than the split steps regained (round-1 eval loss 1.284 with 1 epoch vs 0.842 without)",
         default=0.0)
     local_steps: int = config_field("Cap on local-loss steps per round (0 = no cap)", default=0)
-    split_epochs: float = config_field("Split-training passes over the kept data per round (head -> server body -> tail)",
-                                default=3.0)
+    split_epochs: float = config_field(
+        "Split-training passes over the kept data per round (head -> server body -> tail)", default=3.0)
     split_steps: int = config_field("Cap on split steps per round (0 = no cap)", default=0)
     wire_dtype: str = config_field(f"Activations and gradients on the split plane: {' | '.join(SPLIT_WIRE_DTYPES)}",
                             default="fp32")

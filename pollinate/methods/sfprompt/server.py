@@ -32,6 +32,7 @@ from pollinate.common.report import RunRecorder
 from pollinate.common.wire import arrays_to_record, record_to_arrays
 from pollinate.methods.sfprompt.service import TokenRegistry, start_split_server
 from pollinate.methods.sfprompt.splitmodel import SplitParts, TailOutput, split_model
+from pollinate.server.deployment import Deployment
 from pollinate.server.evaluation import ServerEvaluator
 from pollinate.server.strategy import StateFedAvg
 
@@ -97,8 +98,8 @@ class SFPrompt(StateFedAvg):
     ``close``.
     """
 
-    def __init__(self, cfg: RunConfig, recorder: RunRecorder, run_dir: Path):
-        super().__init__(cfg, recorder, run_dir)
+    def __init__(self, cfg: RunConfig, recorder: RunRecorder, run_dir: Path, deployment: Deployment | None = None):
+        super().__init__(cfg, recorder, run_dir, deployment)
         sf = cfg.sfprompt
         self.evaluator = ServerEvaluator(cfg)
         # Fresh classifier head and initial prompts are functions of the seed.
@@ -123,8 +124,11 @@ class SFPrompt(StateFedAvg):
     def prepare(self, grid: Grid) -> None:
         sf = self.cfg.sfprompt
         cert = key = None
-        if sf.tls_certs:  # activations can reveal inputs: off loopback, the split plane is TLS like Flower's
-            certs = Path(sf.tls_certs)
+        # Deployed with certificates, the split plane uses the coordinator's (sfprompt.tls_certs overrides).
+        certs_dir = sf.tls_certs or (str(self.deployment.certs_dir) if self.deployment and
+                                     self.deployment.certs_dir else "")
+        if certs_dir:  # activations can reveal inputs: off loopback, the split plane is TLS like Flower's
+            certs = Path(certs_dir)
             cert, key = (certs / "server.crt").read_bytes(), (certs / "server.key").read_bytes()
             self.ca_pem = (certs / "ca.crt").read_text()
         self.server, port = start_split_server(
@@ -198,5 +202,6 @@ class SFPrompt(StateFedAvg):
         return {"adapter_dir": str(out)}
 
 
-def make_strategy(cfg: RunConfig, recorder: RunRecorder, run_dir: Path) -> SFPrompt:
-    return SFPrompt(cfg, recorder, run_dir)
+def make_strategy(cfg: RunConfig, recorder: RunRecorder, run_dir: Path,
+                  deployment: Deployment | None = None) -> SFPrompt:
+    return SFPrompt(cfg, recorder, run_dir, deployment)

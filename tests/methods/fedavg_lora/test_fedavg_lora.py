@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from pollinate.server.strategy import UpdateRejected, check_arrays, weighted_average
+from pollinate.common.checks import UpdateRejected, check_arrays
+from pollinate.server.strategy import weighted_average
 
 
 def test_weighted_average_matches_numpy_reference():
