@@ -188,8 +188,8 @@ def test_el2n_through_the_body_scores_the_unsplit_model_and_holds_no_graph(kind)
 def test_kept_examples_are_scored_once_and_reused_until_rescore_is_due():
     from flwr.app import Context, RecordDict
 
-    from pollinate.methods.sfprompt.config import SFPromptConfig
     from pollinate.methods.sfprompt.client import kept_examples
+    from pollinate.methods.sfprompt.config import SFPromptConfig
 
     parts = split_model(tiny_bert(), 1, 1, PROMPT, generator=torch.Generator().manual_seed(0))
     data = classification_examples(10)
