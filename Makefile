@@ -3,7 +3,8 @@ PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
 TORCH   ?= torch==2.13.0
-# Offline-friendly defaults for the embedded model and Flower/Ray on loopback (see ENVIRONMENT.md).
+# Offline-friendly defaults for the embedded model and Flower/Ray on loopback: OFFLINE_ENV and LOOPBACK_ENV of
+# pollinate/common/environment.py, which tests/common/test_environment.py keeps these lines equal to.
 export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export FLWR_TELEMETRY_ENABLED ?= 0

@@ -1,13 +1,18 @@
-"""``pollinate``: parse, build the config, call into the package. Bad input exits 2 with a message."""
+"""The ``pollinate`` command: parse the flags, build the config, call into the package.
+
+Bad input exits 2 with a one-line message; deployment commands exit 1 when a run or join fails, 130 when stopped.
+"""
 
 from __future__ import annotations
 
 import argparse
 import functools
+import json
 import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from pollinate.common.config import ConfigError, RunConfig
 from pollinate.common.config_io import build_config, describe_fields, to_toml
@@ -16,6 +21,19 @@ from pollinate.common.models import ModelError
 from pollinate.methods import METHODS
 
 USER_ERRORS = (ConfigError, DataError, ModelError)
+DESCRIPTION = "Fine-tune transformer models with federated and split learning, on Flower."
+QUICK_START = """\
+quick start:
+  pollinate simulate                      a federated run of simulated clients here (built-in model, task)
+  pollinate simulate --method fedpipe     the same with another method (see --method)
+  pollinate bench                         methods side by side on one setup
+
+deploy on several machines:
+  pollinate keys init DIR --host NAME     TLS certificates for the coordinator (then `keys node` per client)
+  pollinate coordinator --certs DIR --node-key CLIENT.pub ...
+  pollinate join --coordinator HOST:PORT --certs ca.crt --key CLIENT --data FILE
+
+`pollinate COMMAND --help` lists a command's options and every config key."""
 
 # Dedicated flags -> config keys (everything else: --set section.key=value).
 FLAG_KEYS = {
@@ -58,9 +76,10 @@ def _toml_value(value: object) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pollinate", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
     fmt = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(prog="pollinate", description=DESCRIPTION, epilog=QUICK_START,
+                                     formatter_class=fmt)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     simulate = sub.add_parser("simulate", help="run N simulated clients on this machine (Flower + Ray)",
                               epilog=_config_reference(), formatter_class=fmt)
@@ -101,11 +120,17 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     console.print(f"pollinate simulate: {cfg.method} on {cfg.model.name}, task {cfg.data.source}, "
                   f"{cfg.federation.clients} clients x {cfg.federation.rounds} rounds -> {run_dir}")
     report = simulate(cfg, run_dir, quiet=args.quiet, resume=resume_dir is not None)
+    _print_summary(report, run_dir, "report.md, metrics.jsonl, adapter/")
+    return 0
+
+
+def _print_summary(report: dict[str, Any], run_dir: Path, also: str) -> None:
+    from rich.console import Console
+
     from pollinate.common.report import summary_table
 
-    console.print(summary_table(report))
-    print(f"report: {run_dir / 'report.json'}  (and report.md, metrics.jsonl, adapter/)")
-    return 0
+    Console(stderr=True).print(summary_table(report))
+    print(f"report: {run_dir / 'report.json'}  (and {also})")
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -190,7 +215,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
-
 # --- deployment: coordinator, join, keys ----------------------------------------------------------------------
 def _add_deploy_parsers(sub: argparse._SubParsersAction, fmt: type[argparse.HelpFormatter]) -> None:
     from pollinate.deploy.coordinator import DEFAULT_PORT
@@ -219,7 +243,8 @@ def _add_deploy_parsers(sub: argparse._SubParsersAction, fmt: type[argparse.Help
     join.add_argument("--profile", metavar="TOML", help="edge resource profile (memory, compute, bandwidth)")
     join.add_argument("--certs", metavar="DIR_OR_FILE",
                       help="the coordinator's ca.crt, or a directory holding it")
-    join.add_argument("--key", metavar="KEYFILE", help="this node's private key (`pollinate keys node`)")
+    join.add_argument("--key", metavar="KEYFILE", help="this node's private key (`pollinate keys node`; if encrypted, "
+                                                       "its passphrase in POLLINATE_KEY_PASSPHRASE)")
     join.add_argument("--insecure", action="store_true", help="plain HTTP, only against an --insecure coordinator")
     join.add_argument("--partition-id", type=int, metavar="N",
                       help="this client's id in [0, federation.clients) (the coordinator prints one per key)")
@@ -227,7 +252,11 @@ def _add_deploy_parsers(sub: argparse._SubParsersAction, fmt: type[argparse.Help
     join.add_argument("--retry-budget", type=float, default=300.0, metavar="SECONDS",
                       help="give up when the coordinator has not accepted this node for this long (default 300)")
 
-    keys = sub.add_parser("keys", help="create TLS certificates and client keys for deployment")
+    keys = sub.add_parser(
+        "keys", help="create TLS certificates and client keys for deployment",
+        description="Create TLS certificates and client keys. With POLLINATE_KEY_PASSPHRASE set, ca.key and node "
+                    "private keys are written encrypted with it (`pollinate join` reads them with the same "
+                    "variable); server.key stays unencrypted for the services that load it at start.")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)
     init = keys_sub.add_parser("init", help="a private CA and the coordinator's server certificate")
     init.add_argument("dir", help="output directory (ca.crt, ca.key, server.crt, server.key)")
@@ -265,102 +294,43 @@ def _deploy_errors(handler: Callable[[argparse.Namespace], int]) -> Callable[[ar
     return wrapped
 
 
-def _insecure_banner(what: str) -> None:
-    print(f"\n!!! WARNING: {what} runs WITHOUT TLS and WITHOUT client authentication (--insecure). Anyone who can "
-          "reach the port can join, read the model and submit runs. Use only on a trusted local network. !!!\n",
-          file=sys.stderr)
+def _path(value: str | None) -> Path | None:
+    return Path(value) if value else None
 
 
 @_deploy_errors
 def cmd_coordinator(args: argparse.Namespace) -> int:
-    from rich.console import Console
-
-    from pollinate.common.report import summary_table
-    from pollinate.deploy.coordinator import Coordinator, CoordinatorSpec
-    from pollinate.server.checkpoint import latest_round
-    from pollinate.simulations.run import default_run_dir, preflight
+    from pollinate.deploy.commands import coordinate
 
     cfg, resume_dir = config_and_resume(args)
-    run_dir = (resume_dir or default_run_dir(cfg)).expanduser().resolve()
-    if resume_dir is None and latest_round(run_dir) is not None:
-        raise ConfigError(f"run directory '{run_dir}' already holds checkpoints; continue it with --resume "
-                          f"{run_dir} or choose another --out")
-    if args.insecure:
-        _insecure_banner("the coordinator")
-    spec = CoordinatorSpec(
-        run_dir=run_dir, host=args.host, port=args.port, insecure=args.insecure,
-        certs_dir=Path(args.certs) if args.certs else None, node_public_keys=[Path(p) for p in args.node_key],
-        public_address=args.public_address,
-        # The ServerApp builds its RunConfig from this text; clients get the config inside every message.
-        run_config={"config-toml": to_toml(cfg), "run-dir": str(run_dir), "resume": resume_dir is not None,
-                    **deployment_facts(args).to_run_config()},
-    )
-    coordinator = Coordinator(spec)
-    coordinator.check()  # certs, keys and port before the model and data are loaded
-    preflight(cfg)  # the model resolves (building a preset cache once) and the server's eval data loads
-    # Hook for side services a method needs beside the SuperLink (e.g. SFPrompt's split service, which its
-    # strategy starts today inside the ServerApp process): start them here and stop them in a finally.
-    console = Console(stderr=True)
-    console.print(f"pollinate coordinator: {cfg.method} on {cfg.model.name}, {cfg.federation.clients} clients x "
-                  f"{cfg.federation.rounds} rounds{' (resumed)' if resume_dir else ''} -> {run_dir}")
-    coordinator.run()
-    import json
-
-    console.print(summary_table(json.loads((run_dir / "report.json").read_text())))
-    print(f"report: {run_dir / 'report.json'}  (and report.md, metrics.jsonl, checkpoints/, adapter/)")
+    run_dir = coordinate(cfg, resume_dir, host=args.host, port=args.port, certs_dir=_path(args.certs),
+                         node_keys=[Path(p) for p in args.node_key], insecure=args.insecure,
+                         public_address=args.public_address)
+    _print_summary(json.loads((run_dir / "report.json").read_text()), run_dir,
+                   "report.md, metrics.jsonl, checkpoints/, adapter/")
     return 0
-
-
-def deployment_facts(args: argparse.Namespace):
-    """What the ServerApp's method halves need to know of the coordinator's network (e.g. SFPrompt's service)."""
-    from pollinate.server.deployment import Deployment
-
-    public_host = args.public_address.rsplit(":", 1)[0] if args.public_address else args.host
-    certs = None if args.insecure or not args.certs else Path(args.certs).expanduser().resolve()
-    return Deployment(host=args.host, public_host=public_host.strip("[]"), certs_dir=certs)
 
 
 @_deploy_errors
 def cmd_join(args: argparse.Namespace) -> int:
-    from pollinate.deploy.join import JoinSpec, join
+    from pollinate.deploy.commands import join_coordinator
 
-    ca_cert = None
-    if args.certs:
-        ca_cert = Path(args.certs).expanduser()
-        ca_cert = ca_cert / "ca.crt" if ca_cert.is_dir() else ca_cert
-    if args.insecure:
-        _insecure_banner("this client")
-    elif ca_cert is None:
-        raise ConfigError("--certs (the coordinator's ca.crt) is required unless --insecure")
-    if args.partition_id is None:
-        print("pollinate join: no --partition-id given: this client reports as client 0; give every client a "
-              "distinct id (the coordinator prints one per node key)", file=sys.stderr)
-    elif args.partition_id < 0:
-        raise ConfigError(f"--partition-id {args.partition_id} must be >= 0")
-    spec = JoinSpec(
-        coordinator=args.coordinator, insecure=args.insecure, ca_cert=ca_cert,
-        private_key=Path(args.key) if args.key else None, data_path=Path(args.data),
-        profile_path=Path(args.profile) if args.profile else None, partition_id=args.partition_id,
-        work_dir=Path(args.work_dir or f"pollinate-node-{args.partition_id or 0}"), retry_budget_s=args.retry_budget,
-    )
-    join(spec)
+    join_coordinator(args.coordinator, Path(args.data), certs=_path(args.certs), key=_path(args.key),
+                     insecure=args.insecure, partition_id=args.partition_id, profile=_path(args.profile),
+                     work_dir=_path(args.work_dir), retry_budget_s=args.retry_budget)
     return 0
 
 
 @_deploy_errors
 def cmd_keys(args: argparse.Namespace) -> int:
-    from pollinate.deploy.keys import create_node_key, init_certs
+    from pollinate.deploy.commands import make_certs, make_node_key
 
     if args.keys_command == "init":
-        paths = init_certs(args.dir, args.host, valid_days=args.days, overwrite=args.overwrite)
-        print(f"wrote {paths.ca_cert}, {paths.server_cert}, {paths.server_key} and {paths.ca_key}.\n"
-              f"Coordinator: pollinate coordinator --certs {args.dir} ...; give clients {paths.ca_cert} "
-              f"(never ca.key or server.key).")
+        make_certs(Path(args.dir), args.host, days=args.days, overwrite=args.overwrite)
     else:
-        private, public = create_node_key(args.dir, args.name, overwrite=args.overwrite)
-        print(f"wrote {private} (stays on the client: pollinate join --key {private}) and {public} "
-              f"(for the coordinator: pollinate coordinator --node-key {public}).")
+        make_node_key(Path(args.dir), args.name, overwrite=args.overwrite)
     return 0
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -79,7 +79,7 @@ def check_quantized_base(path: str, bits: int) -> None:
 def check_split_exactness(kind: str) -> None:
     from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
 
-    from pollinate.methods.sfprompt.splitmodel import split_model, unsplit_forward
+    from pollinate.methods.sfprompt.split import split_model, unsplit_forward
 
     torch.manual_seed(0)
     device = pick_device()

@@ -1,21 +1,34 @@
-"""The Flower ClientApp: reads the run config from the message and hands it to the method's client half."""
+"""The Flower ClientApp: reads the run config from the message and hands it to the method's client half.
+
+A process that runs it imports the built-in methods (``pollinate.methods``) and the client halves named in
+``POLLINATE_METHOD_MODULES`` (comma-separated): how a method registered from outside Pollinate reaches simulation
+workers (``pollinate.simulations.run`` sets it).
+"""
 
 from __future__ import annotations
 
+import importlib
 import logging
+import os
 import warnings
 
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
+from pollinate.client.half import ClientHalf, PreparingClientHalf, checked_half
 from pollinate.common.config import RunConfig
 from pollinate.methods import get_method
+
+METHOD_MODULES_ENV = "POLLINATE_METHOD_MODULES"
+for _module in filter(None, os.environ.get(METHOD_MODULES_ENV, "").split(",")):
+    importlib.import_module(_module)  # importing a client half registers its method (its package's __init__)
 
 app = ClientApp()
 
 
-def client_half(method: str):
-    return get_method(method).client_half()
+def client_half(method: str, *, prepare: bool = False) -> ClientHalf | PreparingClientHalf:
+    """The method's client half, checked against the interface it must implement."""
+    return checked_half(method, get_method(method).client_half(), prepare=prepare)
 
 
 def _run_config(msg: Message) -> RunConfig:
@@ -40,4 +53,4 @@ def prepare(msg: Message, context: Context) -> Message:
     """Round 0 of methods that need one (e.g. FedPipe: profile + importance scores before planning)."""
     cfg = _run_config(msg)
     _quiet_libraries()
-    return Message(content=client_half(cfg.method).prepare(msg, cfg, context), reply_to=msg)
+    return Message(content=client_half(cfg.method, prepare=True).prepare(msg, cfg, context), reply_to=msg)

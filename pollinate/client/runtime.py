@@ -13,11 +13,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from pollinate.common.config import RunConfig
-from pollinate.common.data import encoder_for, load_task, partition_indices
+from pollinate.common.data import ExampleStream, encoder_for, load_task, partition_indices, resolve_task_type
 from pollinate.common.lmloss import training_loss
 from pollinate.common.models import load_model, load_tokenizer, model_device, resolve_model
+from pollinate.common.seeds import derive_seed
 
 _CACHE: dict[tuple, Any] = {}
 
@@ -56,8 +58,7 @@ class LocalData:
 def model_task(cfg: RunConfig) -> tuple[str, str]:
     """(model directory, task type) for this run."""
     info = resolve_model(cfg.model.name)
-    task = info.default_task if cfg.data.task_type == "auto" else cfg.data.task_type
-    return info.path, task
+    return info.path, resolve_task_type(cfg.data, info.default_task)
 
 
 def tokenizer_for(cfg: RunConfig):
@@ -124,8 +125,6 @@ def profile_reply(cfg: RunConfig, node_config: dict[str, Any], train_seconds: fl
     """What the server needs to enforce the profile: the profile itself, and this round's compute time as the
     profiled device would take it. Simulated clients all run on this host, so their measured time is scaled by
     host / profile throughput; a deployed client (its own ``profile`` file) reports its real time."""
-    from flwr.app import ConfigRecord
-
     profile = client_profile(cfg, node_config)
     scale = 1.0 if node_config.get("profile") else host_tflops() / profile.compute_tflops
     return {"profile": ConfigRecord(profile.to_dict()), "compute_seconds": train_seconds * scale}
@@ -138,7 +137,18 @@ def peak_rss_bytes() -> int:
 
 def seed_everything(cfg: RunConfig, server_round: int, client_id: int) -> None:
     """Same seed + round + client -> the same dropout masks and batch order, whichever process runs it."""
-    torch.manual_seed(cfg.federation.seed * 1_000_003 + server_round * 1_009 + client_id)
+    torch.manual_seed(derive_seed(cfg.federation.seed, "client-torch", server_round, client_id))
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, params: list[torch.nn.Parameter],
+                   max_grad_norm: float) -> float:
+    """One step of every client loop: backward, clip (when ``max_grad_norm`` > 0), step, clear; the loss out."""
+    loss.backward()
+    if max_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(loss.detach())
 
 
 def train_steps(model: torch.nn.Module, batches, steps: int, lr: float, weight_decay: float,
@@ -152,13 +162,7 @@ def train_steps(model: torch.nn.Module, batches, steps: int, lr: float, weight_d
     start = time.perf_counter()
     for _ in range(steps):
         batch = {k: v.to(device) for k, v in batches.next_batch().items()}
-        loss = training_loss(model, batch)
-        loss.backward()
-        if max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(float(loss.detach()))
+        losses.append(optimizer_step(optimizer, training_loss(model, batch), params, max_grad_norm))
     return {"train_loss": sum(losses) / len(losses), "train_seconds": time.perf_counter() - start}
 
 
@@ -166,23 +170,27 @@ def local_training(cfg: RunConfig, data: LocalData, model: torch.nn.Module, serv
                    batch_size: int | None = None, steps: int | None = None) -> dict[str, float]:
     """This client's round of local steps (default ``train.local_steps``/``batch_size``): seeded, so the same
     seed + round + client gives the same batches and dropout."""
-    from pollinate.common.data import ExampleStream
-
     seed_everything(cfg, server_round, data.client_id)
     batches = ExampleStream(data.encoded, batch_size or cfg.train.batch_size, tokenizer_for(cfg).pad_token_id,
-                            seed=cfg.federation.seed * 7919 + server_round * 31 + data.client_id)
+                            seed=derive_seed(cfg.federation.seed, "client-batches", server_round, data.client_id))
     return train_steps(model, batches, steps or cfg.train.local_steps, cfg.train.lr, cfg.train.weight_decay,
                        cfg.train.max_grad_norm)
 
 
 def training_reply(cfg: RunConfig, node_config: dict[str, Any], data: LocalData, stats: dict[str, float],
-                   arrays, **metrics: float):
-    """The reply every training method sends: its arrays, the metrics the report needs, and the profile."""
-    from flwr.app import MetricRecord, RecordDict
+                   arrays: ArrayRecord, *, device_seconds: float | None = None, server_seconds: float = 0.0,
+                   **metrics: float) -> RecordDict:
+    """The one reply shape of every training method: its ``arrays``, the ``metrics`` the server reads (examples,
+    client id, compute time, ``stats`` such as ``train_loss``/``train_seconds``, and the method's ``metrics``) and
+    the client's ``profile``.
 
-    timing = profile_reply(cfg, node_config, stats["train_seconds"])
+    ``device_seconds`` is what this device computed (default ``stats["train_seconds"]``), scaled to its profile;
+    ``server_seconds`` is time spent waiting on server compute (split methods), counted as it is.
+    """
+    computed = stats["train_seconds"] if device_seconds is None else device_seconds
+    timing = profile_reply(cfg, node_config, computed)
     record = MetricRecord({
         "num-examples": data.num_examples, "client_id": data.client_id, "peak_rss_bytes": peak_rss_bytes(),
-        "compute_seconds": timing["compute_seconds"], **stats, **metrics,
+        "compute_seconds": timing["compute_seconds"] + server_seconds, **stats, **metrics,
     })
     return RecordDict({"arrays": arrays, "metrics": record, "profile": timing["profile"]})

@@ -18,8 +18,10 @@ class ConfigError(ValueError):
     """A configuration value or key the user must fix; the message names it."""
 
 
-def config_field(text: str, **kwargs: Any) -> Any:
-    return field(metadata={"help": text}, **kwargs)
+def config_field(text: str, *, server_only: bool = False, **kwargs: Any) -> Any:
+    """A config field with its help text; ``server_only`` fields never travel to clients (their halves don't
+    read them, and a message carries only what its receiver reads)."""
+    return field(metadata={"help": text, "server_only": server_only}, **kwargs)
 
 
 def require(cond: bool, name: str, value: Any, expected: str) -> None:
@@ -83,22 +85,41 @@ class DataConfig:
         require(0 < self.eval_fraction < 1, "data.eval_fraction", self.eval_fraction, "a float in (0, 1)")
 
 
+AGGREGATORS = ("fedavg", "median", "trimmed-mean", "krum", "multi-krum")
+
+
 @dataclass
 class FederationConfig:
     """How many clients and rounds, and the run's seed."""
 
-    clients: int = config_field("Number of simulated clients (SuperNodes)", default=4)
-    rounds: int = config_field("Federated rounds", default=3)
-    fraction_train: float = config_field("Fraction of clients sampled per round", default=1.0)
-    min_clients: int = config_field("Minimum replies for a round to count (0 = all sampled)", default=0)
+    clients: int = config_field("Number of clients: simulated, or joined clients the coordinator waits for",
+                                default=4)
+    rounds: int = config_field("Federated rounds", server_only=True, default=3)
+    fraction_train: float = config_field("Fraction of clients sampled per round", server_only=True, default=1.0)
+    min_clients: int = config_field("Minimum replies for a round to count (0 = all sampled)", server_only=True,
+                                    default=0)
     seed: int = config_field("Seed for data generation, partitioning, initialisation and sampling", default=0)
-    round_timeout_s: float = config_field("Seconds to wait for client replies in a round", default=3600.0)
-    client_cpus: float = config_field("Simulation: CPU cores reserved per client (Ray)", default=1.0)
+    round_timeout_s: float = config_field("Seconds to wait for client replies in a round", server_only=True,
+                                          default=3600.0)
+    client_cpus: float = config_field("Simulation: CPU cores reserved per client (Ray)", server_only=True, default=1.0)
     scenario: str = config_field(
         "Simulation: resource profiles assigned to clients (uniform | tiers | mixed); enforced: a client's "
         "round time is its compute (scaled to its profile) + bytes / its bandwidth", default="uniform")
     deadline_s: float = config_field("Round deadline a client must meet (compute + communication), seconds",
-                                     default=120.0)
+                                     server_only=True, default=120.0)
+    max_examples_per_client: int = config_field(
+        "Largest example count (FedAvg weight) a reply may state; a count that is not an integer in "
+        "[1, this] rejects the reply", server_only=True, default=1_000_000)
+    update_norm_bound: float = config_field("Reject a client update whose L2 norm exceeds this (0 = no bound)",
+                                            server_only=True, default=1e4)
+    relative_norm_bound: float = config_field(
+        "Reject a client update whose L2 norm exceeds this many times the round's median client norm "
+        "(0 = off; applies from 3 replies)", server_only=True, default=10.0)
+    aggregator: str = config_field("How accepted updates combine: fedavg | median | trimmed-mean | krum | multi-krum",
+                                   server_only=True, default="fedavg")
+    byzantine_clients: int = config_field(
+        "Malicious clients per round the robust aggregators tolerate (trimmed each side; Krum's f)", server_only=True,
+        default=1)
 
     def __post_init__(self) -> None:
         require(self.clients >= 1, "federation.clients", self.clients, "an int >= 1")
@@ -110,6 +131,13 @@ class FederationConfig:
         require(self.client_cpus > 0, "federation.client_cpus", self.client_cpus, "a float > 0")
         one_of("federation.scenario", self.scenario, ("uniform", "tiers", "mixed"))
         require(self.deadline_s > 0, "federation.deadline_s", self.deadline_s, "a float > 0")
+        require(self.max_examples_per_client >= 1, "federation.max_examples_per_client",
+                self.max_examples_per_client, "an int >= 1")
+        require(self.update_norm_bound >= 0, "federation.update_norm_bound", self.update_norm_bound, "a float >= 0")
+        require(self.relative_norm_bound == 0 or self.relative_norm_bound >= 1, "federation.relative_norm_bound",
+                self.relative_norm_bound, "0 (off) or a float >= 1")
+        one_of("federation.aggregator", self.aggregator, AGGREGATORS)
+        require(self.byzantine_clients >= 0, "federation.byzantine_clients", self.byzantine_clients, "an int >= 0")
 
 
 @dataclass
@@ -187,6 +215,11 @@ def register_method_config(method: str, section: str | None, section_cls: type |
     METHOD_NAMES.append(method)
 
 
+def _client_fields(section: Any) -> dict[str, Any]:
+    return {f.name: dataclasses.asdict(section)[f.name] for f in dataclasses.fields(section)
+            if not f.metadata.get("server_only")}
+
+
 def _default_method_sections() -> dict[str, Any]:
     return {name: cls() for name, cls in METHOD_SECTIONS.items()}
 
@@ -236,9 +269,9 @@ class RunConfig:
         return json.dumps(self.to_dict(), sort_keys=True)
 
     def sections_for(self, names: typing.Iterable[str]) -> dict[str, Any]:
-        """``method`` plus the named sections, as plain values (what one side of a message needs)."""
-        full = self.to_dict()
-        return {"method": self.method, **{name: full[name] for name in names if name in full}}
+        """``method`` plus the named sections without their server-only fields (what a client half reads)."""
+        sections = {**{f.name: getattr(self, f.name) for f in dataclasses.fields(self)}, **self.methods}
+        return {"method": self.method, **{name: _client_fields(sections[name]) for name in names if name in sections}}
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> RunConfig:

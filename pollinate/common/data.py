@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from pollinate.common.config import DataConfig
+from pollinate.common.seeds import derive_seed
 
 BUILTIN_TASKS = ("skills",)
 PROMPT_TEMPLATE = "Question: {prompt}\nAnswer:"
@@ -135,14 +136,19 @@ def _check_fields(rows: list[dict[str, Any]], fields: Sequence[str], source: str
             raise DataError(f"data source '{source}' has no field '{name}' (set by {key}); its fields are {have}")
 
 
+def resolve_task_type(cfg: DataConfig, model_task: str) -> str:
+    """The run's task type: ``data.task_type``, or with ``auto`` the model's default task (``model_task``)."""
+    return model_task if cfg.task_type == "auto" else cfg.task_type
+
+
 def load_task(cfg: DataConfig, model_task: str, seed: int) -> TaskData:
     """Read the configured source; split off an eval set (held out before any partitioning)."""
-    task_type = model_task if cfg.task_type == "auto" else cfg.task_type
+    task_type = resolve_task_type(cfg, model_task)
     if cfg.source in BUILTIN_TASKS:
         if task_type != "generation":
             raise DataError(f"built-in task '{cfg.source}' is a generation task; the model/task_type is {task_type}")
         train = generate_skills(cfg.train_examples, seed)
-        eval_ = generate_skills(cfg.eval_examples, seed + 1_000_003)
+        eval_ = generate_skills(cfg.eval_examples, derive_seed(seed, "eval-examples"))
         return TaskData("generation", train, eval_, [], cfg.partition_by or "skill", cfg.source)
     path = Path(cfg.source).expanduser()
     if not path.exists():

@@ -28,10 +28,12 @@ SMOLLM2_SHAPE = {"hidden_size": 576, "intermediate_size": 1536, "num_hidden_laye
                  "num_key_value_heads": 3, "head_dim": 64, "vocab_size": 49152, "tie_word_embeddings": True}
 # Family -> default LoRA targets (peft suffix match) and the task a bare model of that family is used for.
 FAMILY_DEFAULT_TARGETS = {"llama": ["q_proj", "v_proj"], "bert": ["query", "value"]}
-# Every attention and MLP projection: the candidates importance-based selection (FedPipe) chooses from.
+# Every attention and MLP projection, in block order and matched as name suffixes (as peft does): the candidates
+# importance-based selection (FedPipe) chooses from. BERT's are paths under a layer, which the planner's spec uses.
 FAMILY_ALL_LINEAR = {
     "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    "bert": ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"],
+    "bert": ["attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
+             "intermediate.dense", "output.dense"],
 }
 
 

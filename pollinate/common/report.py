@@ -17,6 +17,9 @@ from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
+
+PEER_TEXT_LIMIT = 200  # characters of peer-supplied text kept in metrics, reports and the console
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -27,6 +30,14 @@ def atomic_write_text(path: Path, text: str) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
+
+
+def peer_text(value: Any, limit: int = PEER_TEXT_LIMIT) -> str:
+    """Text a peer controls (an error it sent, a name in its update), made safe to store and show: control
+    characters replaced, cut to ``limit`` characters (an ellipsis marks the cut). Print it as plain ``Text``,
+    never as markup."""
+    text = "".join(ch if ch.isprintable() else "?" for ch in str(value))
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def human_bytes(n: float) -> str:
@@ -61,9 +72,13 @@ class RunRecorder:
         self.event("client", round=server_round, **fields)
 
     def reject(self, server_round: int, client_id: Any, reason: str) -> None:
+        """Record a rejected reply; ``reason`` may quote the peer, so it is cut and shown as plain text."""
+        client_id = client_id if isinstance(client_id, int) else peer_text(client_id)
+        reason = peer_text(reason)
         self.rejected.append({"round": server_round, "client_id": client_id, "reason": reason})
         self.event("rejected", round=server_round, client_id=client_id, reason=reason)
-        self.console.print(f"[yellow]round {server_round}: rejected update from client {client_id}: {reason}")
+        self.console.print(Text(f"round {server_round}: rejected update from client {client_id}: {reason}",
+                                style="yellow"))
 
     def initial(self, evaluation: dict[str, Any]) -> None:
         self.initial_eval = evaluation

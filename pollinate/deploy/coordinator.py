@@ -6,6 +6,12 @@ everything it started. No Pollinate code is copied: the app directory holds only
 `pyproject.toml` whose components name the installed ServerApp/ClientApp modules, and the run config
 travels in its `[tool.flwr.app.config]` table (which `flwr run` sends to the SuperLink; the ServerApp
 reads it as `context.run_config`).
+
+Flower 1.42 serves the Fleet, Control and Runtime APIs on one port and does not authenticate Control calls, so
+the SuperLink binds loopback only (`superlink_port`), where the operator's `flwr ls`/`flwr log` and Flower's
+own helper processes reach it, and the public `host:port` is the Fleet gateway (gateway.py), which answers
+only what SuperNodes call. With TLS the coordinator signs the FAB it submits and its clients refuse any other
+app (app_trust.py).
 """
 
 from __future__ import annotations
@@ -27,6 +33,8 @@ from typing import TextIO
 import httpx
 import tomli_w
 
+from pollinate.deploy.app_trust import app_signing_paths, approve_app, ensure_app_signing_key
+from pollinate.deploy.identity import NodeIdentities, registered_node_id
 from pollinate.deploy.keys import CertPaths, check_cert_paths, load_node_public_key
 from pollinate.deploy.processes import ChildProcess, child_env, flwr_executable, port_in_use, stop_on_signals
 
@@ -64,9 +72,12 @@ class CoordinatorSpec:
         Run config the ServerApp (and ClientApp) receive as `context.run_config`: str/int/float/bool
         values, or nested tables (Flower flattens them to dotted keys).
     host : str, default "127.0.0.1"
-        Address the SuperLink binds; "0.0.0.0" to accept clients from other machines.
+        Address the public Fleet gateway binds; "0.0.0.0" to accept clients from other machines.
     port : int, default 9092
-        SuperLink port (Fleet, Control and Runtime APIs share it in Flower 1.42).
+        Public port: the Fleet gateway, which answers only the Fleet API SuperNodes use.
+    superlink_port : int or None
+        Port of the SuperLink itself on 127.0.0.1 (its Fleet, Control and Runtime APIs, which Flower 1.42
+        serves on one port), where the operator's `flwr` CLI reaches it; default `port + 1`.
     certs_dir : Path or None
         Directory made by `pollinate keys init` (ca.crt, server.crt, server.key). Required unless insecure.
     insecure : bool, default False
@@ -89,6 +100,7 @@ class CoordinatorSpec:
     run_config: Mapping[str, object] = field(default_factory=dict)
     host: str = "127.0.0.1"
     port: int = DEFAULT_PORT
+    superlink_port: int | None = None
     certs_dir: Path | None = None
     insecure: bool = False
     node_public_keys: Sequence[Path] = ()
@@ -105,6 +117,10 @@ class CoordinatorSpec:
                 raise ValueError(f"{name}={ref!r} is not a Flower component reference 'module:attribute'")
         if not 1 <= self.port <= 65535:
             raise ValueError(f"port={self.port} must be in 1..65535")
+        if self.superlink_port is None:
+            self.superlink_port = self.port + 1 if self.port < 65535 else self.port - 1
+        if not 1 <= self.superlink_port <= 65535 or self.superlink_port == self.port:
+            raise ValueError(f"superlink_port={self.superlink_port} must be in 1..65535 and differ from port")
         if not self.insecure and self.certs_dir is None:
             raise ValueError(
                 "certs_dir is required unless insecure=True (create it with `pollinate keys init`)"
@@ -122,10 +138,13 @@ class CoordinatorSpec:
 
     @property
     def local_address(self) -> str:
-        """Address the coordinator's own `flwr` CLI uses: loopback when the SuperLink binds everything."""
-        host = "127.0.0.1" if self.host in ("0.0.0.0", "127.0.0.1", "localhost") else self.host
-        host = "::1" if self.host == "::" else host
-        return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
+        """The SuperLink's loopback address (all its APIs): the coordinator's `flwr` CLI and Flower's helpers."""
+        return f"127.0.0.1:{self.superlink_port}"
+
+    @property
+    def public_listen(self) -> str:
+        """`host:port` the Fleet gateway binds."""
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
     @property
     def join_address(self) -> str:
@@ -133,7 +152,7 @@ class CoordinatorSpec:
             return self.public_address
         if self.host in ("0.0.0.0", "::"):
             return f"{socket.getfqdn()}:{self.port}"
-        return self.local_address
+        return self.public_listen
 
 
 def _check_run_config(config: Mapping[str, object], prefix: str = "") -> None:
@@ -170,11 +189,12 @@ class RunOutcome:
         return self.status == "finished:completed"
 
 
-def write_app_dir(spec: CoordinatorSpec) -> Path:
+def write_app_dir(spec: CoordinatorSpec, identities: NodeIdentities | None = None) -> Path:
     """Write the Flower app directory `flwr run` needs: only a pyproject.toml naming installed modules.
 
     The SuperLink runs with runtime dependency installation disabled, so the FAB built from this directory
     is never `uv sync`ed; the ServerApp/ClientApp processes import the components from their environment.
+    `identities` (the registered nodes' client ids) join the run config.
     """
     app_dir = spec.run_dir / "flwr_app"
     app_dir.mkdir(parents=True, exist_ok=True)
@@ -191,7 +211,7 @@ def write_app_dir(spec: CoordinatorSpec) -> Path:
                 "app": {
                     "publisher": "pollinate",
                     "components": {"serverapp": spec.server_app, "clientapp": spec.client_app},
-                    "config": dict(spec.run_config),
+                    "config": {**spec.run_config, **(identities.to_run_config() if identities else {})},
                 }
             }
         },
@@ -219,8 +239,9 @@ def superlink_argv(spec: CoordinatorSpec) -> list[str]:
     """The `flower-superlink` command line for `spec`."""
     argv = [
         flwr_executable("flower-superlink"),
-        "--host", spec.host,
-        "--port", str(spec.port),
+        # Loopback only: its Control API takes runs from anyone who reaches it (the gateway faces clients).
+        "--host", "127.0.0.1",
+        "--port", str(spec.superlink_port),
         # Without it the SuperLink `uv sync`s each app's dependencies (a CUDA torch download).
         "--disable-runtime-dependency-installation",
     ]
@@ -237,6 +258,22 @@ def superlink_argv(spec: CoordinatorSpec) -> list[str]:
     return argv
 
 
+def gateway_argv(spec: CoordinatorSpec) -> list[str]:
+    """The command line of the public Fleet gateway for `spec` (TLS with the server certificate, forwarding
+    to the SuperLink over TLS, attaching the coordinator's app signature when there are certificates)."""
+    argv = [sys.executable, "-m", "pollinate.deploy.gateway", "--listen", spec.public_listen,
+            "--upstream", spec.local_address]
+    if (paths := spec.cert_paths) is not None:
+        argv += ["--certfile", str(paths.server_cert), "--keyfile", str(paths.server_key),
+                 "--upstream-ca", str(paths.ca_cert), "--app-approval", str(app_approval_path(spec))]
+    return argv
+
+
+def app_approval_path(spec: CoordinatorSpec) -> Path:
+    """Where the coordinator writes its signature over the FAB it submits (the gateway reads it)."""
+    return spec.run_dir / "app-approval.json"
+
+
 def join_instructions(spec: CoordinatorSpec) -> str:
     """What clients run to join, as shell text: one command per registered node key, each with its own
     partition id (the client id in reports); a generic one for an insecure coordinator."""
@@ -246,9 +283,9 @@ def join_instructions(spec: CoordinatorSpec) -> str:
                 "--data <local data> [--profile <edge profile .toml>]")
     if not spec.node_public_keys:
         return "No node key registered (--node-key): no client can join this coordinator."
-    lines = ["Clients join with (copy ca.crt and the node's private key to it):"]
+    lines = ["Clients join with (copy ca.crt, app-signing.pub and the node's private key to it):"]
     for partition_id, key in enumerate(spec.node_public_keys):
-        lines.append(f"  {base} --certs <dir holding ca.crt> --key <private key {key.stem}> "
+        lines.append(f"  {base} --certs <dir holding ca.crt and app-signing.pub> --key <private key {key.stem}> "
                      f"--partition-id {partition_id} --data <local data> [--profile <edge profile .toml>]")
     return "\n".join(lines)
 
@@ -274,30 +311,38 @@ class Coordinator:
         self._env: dict[str, str] = {}
         self._stop = threading.Event()
         self.ready = threading.Event()  # set once the SuperLink answers and node keys are registered
+        self.identities: NodeIdentities | None = None  # client id of each registered node, once registered
 
     # -- preparation ---------------------------------------------------------------------------------
     def check(self) -> None:
-        """Fail early, naming the culprit: cert files, node keys, port."""
+        """Fail early, naming the culprit: cert files, node keys, ports."""
         if (paths := self.spec.cert_paths) is not None:
             check_cert_paths(paths)
+        seen: dict[object, Path] = {}
         for key in self.spec.node_public_keys:
-            load_node_public_key(key)
-        if port_in_use(self.spec.host, self.spec.port):
-            raise PortInUseError(
-                f"port {self.spec.port} on {self.spec.host} is already in use; stop what holds it or pick "
-                "another with --port"
-            )
+            numbers = load_node_public_key(key).public_numbers()
+            if numbers in seen:  # one key, two client ids: the SuperLink would refuse the second registration
+                raise ValueError(f"node key {key} is the same public key as {seen[numbers]}; each client needs "
+                                 "its own key (`pollinate keys node`)")
+            seen[numbers] = key
+        for host, port in ((self.spec.host, self.spec.port), ("127.0.0.1", self.spec.superlink_port)):
+            if port_in_use(host, port):
+                raise PortInUseError(
+                    f"port {port} on {host} is already in use; stop what holds it or pick another with --port "
+                    f"(the public gateway takes --port, the SuperLink {self.spec.superlink_port} on loopback)"
+                )
 
-    def prepare(self) -> Path:
-        """Check inputs and write the app directory and Flower home; return the app directory."""
+    def prepare(self) -> None:
+        """Check inputs and write Flower's home (the app directory follows node registration)."""
         self.check()
-        app_dir = write_app_dir(self.spec)
         home = write_flwr_home(self.spec)
         self._env = child_env({**(self.spec.env or {}), "FLWR_HOME": str(home)})
         # This internal switch adds a legacy gRPC Fleet server on 0.0.0.0:9092 that 1.42 SuperNodes cannot
         # use (they speak HTTP only); keep it off so it never binds beside the SuperLink port.
         self._env.pop("FLWR_INTERNAL_GRPC_FLEET_API", None)
-        return app_dir
+        if self.spec.certs_dir is not None and not self.spec.insecure:
+            ensure_app_signing_key(self.spec.certs_dir)
+            app_approval_path(self.spec).unlink(missing_ok=True)  # a previous run's signature in this run dir
 
     # -- processes -----------------------------------------------------------------------------------
     def _start(
@@ -314,9 +359,9 @@ class Coordinator:
         """Start the SuperLink and wait until it answers on its port."""
         if self.spec.insecure:
             warning = (
-                f"WARNING: INSECURE coordinator: no TLS and no SuperNode authentication on {self.spec.host}:"
-                f"{self.spec.port}. Anyone who can reach this port can join, read the model and submit runs. "
-                "Use only on a trusted local network."
+                f"WARNING: INSECURE coordinator: no TLS, no SuperNode authentication and no app signature on "
+                f"{self.spec.host}:{self.spec.port}. Anyone who can reach this port can join, read the model and "
+                "send updates. Use only on a trusted local network."
             )
             if self.echo is not None:
                 self.echo.write(warning + "\n")
@@ -324,6 +369,28 @@ class Coordinator:
                 log.warning(warning)
         self.superlink = self._start("superlink", superlink_argv(self.spec))
         self._wait_ready()
+        self._start_gateway()
+
+    def _start_gateway(self) -> None:
+        """Start the public Fleet gateway and wait until it answers (any HTTP status: it is up)."""
+        gateway = self._start("gateway", gateway_argv(self.spec))
+        host = {"0.0.0.0": "127.0.0.1", "::": "[::1]"}.get(self.spec.host, self.spec.public_listen.rsplit(":", 1)[0])
+        url = f"{'http' if self.spec.cert_paths is None else 'https'}://{host}:{self.spec.port}/"
+        deadline = time.monotonic() + self.spec.ready_timeout_s
+        while time.monotonic() < deadline and not self._stop.is_set():
+            if (code := gateway.poll()) is not None:
+                raise CoordinatorError(f"the Fleet gateway exited with code {code} during startup "
+                                       f"(log: {gateway.log_path}):\n{gateway.tail()}")
+            try:
+                # Only "does it answer": its certificate is checked by every client that joins.
+                httpx.get(url, verify=False, timeout=2.0)
+                return
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        if self._stop.is_set():
+            raise KeyboardInterrupt
+        raise CoordinatorError(f"the Fleet gateway did not answer on {url} within {self.spec.ready_timeout_s:.0f} s "
+                               f"(log: {gateway.log_path}):\n{gateway.tail()}")
 
     def _wait_ready(self) -> None:
         assert self.superlink is not None
@@ -379,13 +446,18 @@ class Coordinator:
                         f"(log: {child.log_path}):\n{child.tail()}"
                     ) from None
 
-    def register_nodes(self) -> None:
-        """Register every node public key with the SuperLink (`flwr supernode register`, in parallel)."""
+    def register_nodes(self) -> NodeIdentities | None:
+        """Register every node public key with the SuperLink (`flwr supernode register`, in parallel).
+
+        Returns (and keeps as `identities`) the node id the SuperLink bound to each key -> the key's position
+        in `node_public_keys` as client id; None for an insecure coordinator, whose nodes are anonymous.
+        """
         flwr = flwr_executable("flwr")
+        outputs: dict[Path, list[str]] = {key: [] for key in self.spec.node_public_keys}
         pending = {
-            key: self._start(
-                f"register-{key.stem}", [flwr, "supernode", "register", str(key), CONNECTION_NAME]
-            )
+            key: self._start(f"register-{key.stem}",
+                             [flwr, "supernode", "register", str(key), CONNECTION_NAME, "--format", "json"],
+                             on_line=outputs[key].append)
             for key in self.spec.node_public_keys
         }
         try:
@@ -400,9 +472,24 @@ class Coordinator:
             for child in pending.values():
                 self._children.remove(child)
                 child.stop(self.spec.grace_s)
+        if self.spec.insecure:
+            return None
+        try:
+            node_ids = [registered_node_id("\n".join(outputs[key])) for key in self.spec.node_public_keys]
+        except ValueError as err:
+            raise CoordinatorError(f"registering node keys: {err}") from err
+        self.identities = NodeIdentities({node: client for client, node in enumerate(node_ids)})
+        return self.identities
 
     def submit_run(self, app_dir: Path, timeout_s: float | None = None) -> RunOutcome:
-        """Submit the run with `flwr run --stream`, wait until it ends and return Flower's final status."""
+        """Submit the run with `flwr run --stream`, wait until it ends and return Flower's final status.
+
+        With TLS the FAB `flwr run` is about to send is signed first; the gateway attaches the signature to
+        that FAB only, and clients refuse any app without it.
+        """
+        if self.spec.certs_dir is not None and not self.spec.insecure:
+            signing_key, _ = app_signing_paths(self.spec.certs_dir)
+            approve_app(app_dir, signing_key).write(app_approval_path(self.spec))
         run_ids: list[int] = []
 
         def grab_run_id(line: str) -> None:
@@ -461,12 +548,13 @@ class Coordinator:
         SIGINT/SIGTERM (when called from the main thread) stop the children and raise KeyboardInterrupt.
         """
         with self, stop_on_signals(self._stop):
-            app_dir = self.prepare()
+            self.prepare()
             self.start_superlink()
-            self.register_nodes()
+            app_dir = write_app_dir(self.spec, self.register_nodes())
             self.ready.set()
             if self.echo is not None:
-                self.echo.write(f"Coordinator listening on {self.spec.host}:{self.spec.port}.\n")
+                self.echo.write(f"Coordinator listening on {self.spec.public_listen} (Fleet API only); "
+                                f"operator's flwr CLI: SuperLink on {self.spec.local_address}.\n")
                 self.echo.write(join_instructions(self.spec) + "\n")
                 self.echo.flush()
             outcome = self.submit_run(app_dir, timeout_s)

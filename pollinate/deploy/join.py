@@ -15,12 +15,19 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
-from pollinate.deploy.keys import check_ca_cert, load_node_private_key
+from pollinate.deploy.app_trust import (
+    APP_SIGNING_PUB_FILE,
+    TRUSTED_ENTITIES_FILE,
+    load_verify_key,
+    write_trusted_entities,
+)
+from pollinate.deploy.keys import check_ca_cert, flower_node_key, load_node_private_key
 from pollinate.deploy.processes import (
     ChildProcess,
     child_env,
@@ -92,6 +99,10 @@ class JoinSpec:
         Longest wait between SuperNode restarts.
     env : mapping or None
         Extra environment for the SuperNode and its ClientApp processes.
+    app_signing_key : Path or None
+        The coordinator's `app-signing.pub`; default: the one beside `ca_cert`. With TLS the SuperNode runs
+        only apps signed by it (Flower's `--trusted-entities`, checked before any code of a run starts; see
+        app_trust.py); required unless insecure.
     """
 
     coordinator: str
@@ -106,6 +117,7 @@ class JoinSpec:
     retry_budget_s: float = 300.0
     max_backoff_s: float = 30.0
     env: Mapping[str, str] | None = None
+    app_signing_key: Path | None = None
 
     def __post_init__(self) -> None:
         match = _ADDRESS.match(self.coordinator)
@@ -119,12 +131,21 @@ class JoinSpec:
             raise ValueError("ca_cert is required unless insecure=True (the coordinator's ca.crt)")
         if self.insecure and self.private_key is not None:
             raise ValueError("private_key needs TLS: SuperNode auth does not work with insecure=True")
+        if self.insecure and self.app_signing_key is not None:
+            raise ValueError("app_signing_key needs TLS: an insecure coordinator signs no app")
+        if not self.insecure and self.app_signing_key is None and self.ca_cert is not None:
+            self.app_signing_key = Path(self.ca_cert).expanduser().parent / APP_SIGNING_PUB_FILE
         if self.retry_budget_s <= 0:
             raise ValueError(f"retry_budget_s={self.retry_budget_s} must be > 0")
         self.work_dir = Path(self.work_dir).expanduser().resolve()
-        for name in ("ca_cert", "private_key", "data_path", "profile_path"):
+        for name in ("ca_cert", "private_key", "data_path", "profile_path", "app_signing_key"):
             if (value := getattr(self, name)) is not None:
                 setattr(self, name, Path(value).expanduser().resolve())
+
+    @property
+    def trusted_entities_path(self) -> Path:
+        """Flower's `--trusted-entities` file, written from `app_signing_key` when the node starts."""
+        return self.work_dir / TRUSTED_ENTITIES_FILE
 
     def full_node_config(self) -> dict[str, NodeConfigValue]:
         """Node config handed to the ClientApp: data/profile paths and partition id, then extras."""
@@ -163,15 +184,20 @@ def node_config_arg(config: Mapping[str, NodeConfigValue]) -> str:
     return " ".join(parts)
 
 
-def supernode_argv(spec: JoinSpec, runtime_port: int, max_wait_s: float) -> list[str]:
-    """The `flower-supernode` command line for `spec`, with its local Runtime API on `runtime_port`."""
+def supernode_argv(spec: JoinSpec, runtime_port: int, max_wait_s: float, private_key: Path | None = None) -> list[str]:
+    """The `flower-supernode` command line for `spec`, with its local Runtime API on `runtime_port`.
+
+    `private_key` replaces `spec.private_key` in the command (a decrypted copy of an encrypted key).
+    """
     argv = [flwr_executable("flower-supernode"), "--superlink", spec.coordinator]
     if spec.insecure:
         argv.append("--insecure")
     else:
         argv += ["--root-certificates", str(spec.ca_cert)]
-    if spec.private_key is not None:
-        argv += ["--auth-supernode-private-key", str(spec.private_key)]
+    if (key := private_key or spec.private_key) is not None:
+        argv += ["--auth-supernode-private-key", str(key)]
+    if spec.app_signing_key is not None:
+        argv += ["--trusted-entities", str(spec.trusted_entities_path)]
     # The Runtime API (SuperNode <-> ClientApp processes) stays on loopback, on a port of its own so
     # several nodes can share a machine.
     argv += ["--host", "127.0.0.1", "--port", str(runtime_port)]
@@ -199,6 +225,7 @@ class Node:
         self.connections = 0
         self._stop = threading.Event()
         self._connected = threading.Event()
+        self._key_copy: Path | None = None  # decrypted key of the running SuperNode, removed once it is in
 
     def check(self) -> None:
         """Fail early on unreadable/invalid CA certificate, node key or data/profile paths."""
@@ -206,6 +233,13 @@ class Node:
             check_ca_cert(self.spec.ca_cert)
         if self.spec.private_key is not None:
             load_node_private_key(self.spec.private_key)
+        if (signing := self.spec.app_signing_key) is not None:
+            if not signing.is_file():
+                raise FileNotFoundError(
+                    f"app-signing public key not found: {signing}. Copy app-signing.pub from the coordinator's "
+                    "certs directory (beside ca.crt): without it this node would run any app it is sent"
+                )
+            load_verify_key(signing)
         for what, path in (("data path", self.spec.data_path), ("profile", self.spec.profile_path)):
             if path is not None and not path.exists():
                 raise FileNotFoundError(f"{what} not found: {path}")
@@ -220,13 +254,40 @@ class Node:
 
     def _on_line(self, line: str) -> None:
         if _CONNECTED in line:
+            if self._key_copy is not None:  # read at the SuperNode's start; no need to keep it around
+                self._key_copy.unlink(missing_ok=True)
             self.connections += 1
             self._connected.set()
             self._last_connected = time.monotonic()
 
+    @contextmanager
+    def _readable_key(self) -> Iterator[Path | None]:
+        if self.spec.private_key is None:
+            yield None
+            return
+        with flower_node_key(self.spec.private_key) as key:
+            self._key_copy = None if key == self.spec.private_key else key
+            try:
+                yield key
+            finally:
+                self._key_copy = None
+
+    def _warn_insecure(self) -> None:
+        warning = (f"WARNING: INSECURE join of {self.spec.coordinator}: no TLS, so the coordinator is not "
+                   "authenticated; anyone on the network path can read this client's updates and send it code "
+                   "to run. Use only on a trusted local network.")
+        if self.echo is not None:
+            self.echo.write(warning + "\n")
+        else:
+            log.warning(warning)
+
     def run(self) -> None:
         """Join and keep the node joined until stopped; raise if the coordinator stays unreachable."""
         self.check()
+        if self.spec.insecure:
+            self._warn_insecure()
+        if self.spec.app_signing_key is not None:
+            write_trusted_entities(self.spec.app_signing_key, self.spec.trusted_entities_path)
         home = self.spec.work_dir / "flwr_home"
         home.mkdir(parents=True, exist_ok=True)
         env = child_env({**(self.spec.env or {}), "FLWR_HOME": str(home)})
@@ -236,12 +297,13 @@ class Node:
         with stop_on_signals(self._stop):
             while not self._stop.is_set():
                 remaining = self.spec.retry_budget_s - (time.monotonic() - self._last_connected)
-                argv = supernode_argv(self.spec, free_loopback_port(), remaining)
-                self.child = ChildProcess(
-                    "supernode", argv, env, log_path, echo=self.echo, on_line=self._on_line
-                )
                 connections_before = self.connections
-                code = self._wait_child()
+                with self._readable_key() as key:
+                    argv = supernode_argv(self.spec, free_loopback_port(), remaining, key)
+                    self.child = ChildProcess(
+                        "supernode", argv, env, log_path, echo=self.echo, on_line=self._on_line
+                    )
+                    code = self._wait_child()
                 if code is None:  # stop requested
                     return
                 output = self.child.tail(40)

@@ -4,15 +4,20 @@
 TLS with them; clients trust only the CA). `create_node_key` makes the EC key pair a client presents to the
 SuperLink when SuperNode authentication is on: OpenSSH format, which is what `flower-supernode
 --auth-supernode-private-key` and `flwr supernode register` read (both use cryptography's `load_ssh_*`).
+
+Files are written by `keyfiles.write_key_files` (exclusive, no-follow, atomic). With `POLLINATE_KEY_PASSPHRASE`
+set, `ca.key` and node private keys are encrypted (node keys then as PKCS#8 PEM: encrypted OpenSSH needs the
+bcrypt package); `flower_node_key` hands the SuperNode a decrypted private copy. `server.key` stays unencrypted:
+the SuperLink, the TLS front and SFPrompt's split service load it by path at every start and take no password.
 """
 
 from __future__ import annotations
 
 import datetime
 import ipaddress
-import os
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +26,15 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from pollinate.deploy.app_trust import app_signing_key_files
+from pollinate.deploy.keyfiles import (
+    is_encrypted,
+    load_private_key,
+    private_copy,
+    private_key_encryption,
+    write_key_files,
+)
 
 CA_CERT_FILE = "ca.crt"
 CA_KEY_FILE = "ca.key"
@@ -67,32 +81,8 @@ def _san_entry(name: str) -> x509.GeneralName:
         return x509.DNSName(name)
 
 
-def _write_files(files: dict[Path, tuple[bytes, int]], overwrite: bool) -> None:
-    """Write all files or none: refuse before writing anything if one exists and overwrite is off."""
-    if not overwrite:
-        existing = [str(p) for p in files if p.exists()]
-        if existing:
-            raise FileExistsError(
-                f"refusing to overwrite existing key material: {', '.join(existing)} "
-                "(pass overwrite=True / --overwrite to replace it)"
-            )
-    for path, (data, mode) in files.items():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        # Create with the final mode so a private key is never readable by others, even briefly.
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-        try:
-            os.write(fd, data)
-        finally:
-            os.close(fd)
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-
-
-def _private_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
+def _private_pem(key: ec.EllipticCurvePrivateKey, encryption: serialization.KeySerializationEncryption) -> bytes:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption)
 
 
 def init_certs(
@@ -114,6 +104,7 @@ def init_certs(
         Validity of both certificates.
     overwrite : bool, default False
         Replace existing files; otherwise an existing file raises `FileExistsError` and nothing is written.
+        A symbolic link or a leftover `.NAME.tmp` raises `FileExistsError` either way.
 
     Returns
     -------
@@ -188,14 +179,16 @@ def init_certs(
     )
 
     pem = serialization.Encoding.PEM
-    _write_files(
+    write_key_files(
         {
             paths.ca_cert: (ca_cert.public_bytes(pem), 0o644),
-            paths.ca_key: (_private_pem(ca_key), 0o600),
+            paths.ca_key: (_private_pem(ca_key, private_key_encryption()), 0o600),
             paths.server_cert: (server_cert.public_bytes(pem), 0o644),
-            paths.server_key: (_private_pem(server_key), 0o600),
+            paths.server_key: (_private_pem(server_key, serialization.NoEncryption()), 0o600),
+            # The key the coordinator signs its app with; clients get app-signing.pub with ca.crt.
+            **app_signing_key_files(directory),
         },
-        overwrite,
+        overwrite=overwrite,
     )
     return paths
 
@@ -225,7 +218,8 @@ def create_node_key(directory: str | Path, name: str, *, overwrite: bool = False
     Parameters
     ----------
     directory : str or Path
-        Where to write `<name>` (private, 0600) and `<name>.pub` (public; the coordinator registers it).
+        Where to write `<name>` (private, 0600; encrypted PKCS#8 PEM when `POLLINATE_KEY_PASSPHRASE` is set)
+        and `<name>.pub` (public; the coordinator registers it).
     name : str
         Node name, used as the file name.
     overwrite : bool, default False
@@ -238,11 +232,13 @@ def create_node_key(directory: str | Path, name: str, *, overwrite: bool = False
     """
     private_path, public_path = node_key_paths(directory, name)
     key = ec.generate_private_key(_CURVE())
-    private = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
-    )
+    encryption = private_key_encryption()
+    if isinstance(encryption, serialization.NoEncryption):
+        private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, encryption)
+    else:
+        private = _private_pem(key, encryption)
     public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
-    _write_files({private_path: (private, 0o600), public_path: (public + b"\n", 0o644)}, overwrite)
+    write_key_files({private_path: (private, 0o600), public_path: (public + b"\n", 0o644)}, overwrite=overwrite)
     return private_path, public_path
 
 
@@ -272,17 +268,28 @@ def load_node_public_key(path: str | Path) -> ec.EllipticCurvePublicKey:
 
 
 def load_node_private_key(path: str | Path) -> ec.EllipticCurvePrivateKey:
-    """Load and check a node private key (OpenSSH EC format, unencrypted), naming the file on failure."""
-    data = _read(path, "node private key")
-    try:
-        key = serialization.load_ssh_private_key(data, password=None)
-    except (ValueError, TypeError, UnsupportedAlgorithm) as err:
-        raise ValueError(
-            f"node private key {path} is not an unencrypted OpenSSH private key: {err}"
-        ) from err
+    """Load and check a node private key (OpenSSH, or PKCS#8 PEM; decrypted with `POLLINATE_KEY_PASSPHRASE` when
+    encrypted), naming the file on failure."""
+    key = load_private_key(_read(path, "node private key"), path, "node private key")
     if not isinstance(key, ec.EllipticCurvePrivateKey):
         raise ValueError(f"node private key {path} is {type(key).__name__}; an EC key is required")
     return key
+
+
+@contextmanager
+def flower_node_key(path: str | Path) -> Iterator[Path]:
+    """A path `flower-supernode --auth-supernode-private-key` can read: `path` itself when it is an unencrypted
+    OpenSSH key, else a decrypted OpenSSH copy in a private directory, removed on exit (Flower 1.42 reads the
+    key with `load_ssh_private_key(data, None)`: no password, OpenSSH only)."""
+    data = _read(path, "node private key")
+    if b"OPENSSH PRIVATE KEY" in data and not is_encrypted(data):
+        yield Path(path)
+        return
+    key = load_node_private_key(path)
+    plain = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                              serialization.NoEncryption())
+    with private_copy(plain, Path(path).name) as copy:
+        yield copy
 
 
 def check_cert_paths(paths: CertPaths, *, need_ca_key: bool = False) -> CertPaths:

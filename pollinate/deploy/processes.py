@@ -21,6 +21,8 @@ from typing import TextIO
 
 import psutil
 
+from pollinate.deploy.keyfiles import PASSPHRASE_ENV
+
 
 def flwr_executable(name: str) -> str:
     """Path of a Flower console script installed beside this interpreter (works without an active venv)."""
@@ -35,8 +37,10 @@ def flwr_executable(name: str) -> str:
 
 def child_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """Environment for Flower children: this interpreter's bin dir first on PATH, because the SuperLink
-    and SuperNode start `flower-superexec`, `flwr-serverapp` and `flwr-clientapp` by bare name."""
+    and SuperNode start `flower-superexec`, `flwr-serverapp` and `flwr-clientapp` by bare name. The key
+    passphrase stays behind: those processes run the app a coordinator sent, and need no key of ours."""
     env = dict(os.environ)
+    env.pop(PASSPHRASE_ENV, None)
     bin_dir = str(Path(sys.executable).parent)
     env["PATH"] = bin_dir + os.pathsep + env.get("PATH", "")
     env.update(extra or {})

@@ -2,8 +2,8 @@
 
 ``run_server`` is shared by simulation (called in-process) and deployment (``main``, run by the SuperLink's
 ServerApp process with the coordinator's run config). With ``resume`` it continues a run directory from its
-last complete checkpoint: same global state, report history, server RNG state and method state, with the
-strategy's round numbers continuing where they stopped.
+last complete checkpoint: same global state, report history and server RNG state (a method prepares again),
+with the strategy's round numbers continuing where they stopped.
 """
 
 from __future__ import annotations
@@ -74,7 +74,6 @@ def run_server(grid: Grid, cfg: RunConfig, run_dir: Path, quiet: bool = False, r
         if point is not None:
             strategy.round_offset = point.server_round
             recorder.restore(point.history, point.server_round)
-            strategy.restore_state(point.extra)
             initial = arrays_to_record(point.arrays)
         if deployment is not None:
             wait_for_clients(grid, cfg.federation.clients, recorder)

@@ -1,13 +1,12 @@
 """Atomic per-round checkpoints of the global state, and resuming from them.
 
-Layout: ``checkpoints/round-NNNN/{global.safetensors, state.json[, extra.safetensors]}``. Each round is written
+Layout: ``checkpoints/round-NNNN/{global.safetensors, state.json}``. Each round is written
 into a temporary directory, fsynced, then renamed into place, so a crash at any moment leaves only complete
 rounds; ``latest_round`` finds the newest one to resume from.
 
 ``state.json`` holds everything a resumed run needs to continue as if never stopped: the round index, the
 report history so far (initial evaluation, rounds, rejected updates, elapsed seconds), the server's RNG states
-(python ``random``, numpy, torch), the run config and its hash, and the method's own ``extra_state()``; any
-numpy arrays in that extra state go to ``extra.safetensors`` and are referenced from the JSON by name.
+(python ``random``, numpy, torch), and the run config and its hash.
 """
 
 from __future__ import annotations
@@ -28,11 +27,9 @@ from pollinate.common.config import ConfigError, RunConfig
 
 GLOBAL_FILE = "global.safetensors"
 STATE_FILE = "state.json"
-EXTRA_FILE = "extra.safetensors"
 STATE_VERSION = 1
 # Output settings say where results go, not what they are: a resumed copy of a run may live elsewhere.
 _NOT_HASHED = ("output",)
-_ARRAY_REF = "__array__"
 
 
 class ResumeError(ConfigError):
@@ -56,18 +53,14 @@ def _fsync_file(path: Path) -> None:
         os.fsync(fh.fileno())
 
 
-def save_round(run_dir: Path, server_round: int, arrays: dict[str, np.ndarray], state: dict[str, Any],
-               extra_arrays: dict[str, np.ndarray] | None = None) -> Path:
-    """Write one round's checkpoint atomically; ``extra_arrays`` (if any) go to ``extra.safetensors``."""
+def save_round(run_dir: Path, server_round: int, arrays: dict[str, np.ndarray], state: dict[str, Any]) -> Path:
+    """Write one round's checkpoint atomically."""
     target = round_dir(run_dir, server_round)
     tmp = target.with_name(target.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(tmp / GLOBAL_FILE))
     _fsync_file(tmp / GLOBAL_FILE)
-    if extra_arrays:
-        save_file({k: np.ascontiguousarray(v) for k, v in extra_arrays.items()}, str(tmp / EXTRA_FILE))
-        _fsync_file(tmp / EXTRA_FILE)
     with open(tmp / STATE_FILE, "w") as fh:
         json.dump(state, fh)
         fh.flush()
@@ -125,43 +118,12 @@ def restore_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(torch.from_numpy(raw))
 
 
-def split_arrays(value: Any, prefix: str = "extra") -> tuple[Any, dict[str, np.ndarray]]:
-    """Replace every numpy array inside nested dicts/lists by ``{"__array__": name}``; return both parts."""
-    arrays: dict[str, np.ndarray] = {}
-
-    def walk(node: Any, path: str) -> Any:
-        if isinstance(node, np.ndarray):
-            arrays[path] = node
-            return {_ARRAY_REF: path}
-        if isinstance(node, dict):
-            return {k: walk(v, f"{path}/{k}") for k, v in node.items()}
-        if isinstance(node, list | tuple):
-            return [walk(v, f"{path}/{i}") for i, v in enumerate(node)]
-        return node
-
-    return walk(value, prefix), arrays
-
-
-def join_arrays(value: Any, arrays: dict[str, np.ndarray]) -> Any:
-    """Inverse of ``split_arrays``."""
-    if isinstance(value, dict):
-        if set(value) == {_ARRAY_REF}:
-            return arrays[value[_ARRAY_REF]]
-        return {k: join_arrays(v, arrays) for k, v in value.items()}
-    if isinstance(value, list):
-        return [join_arrays(v, arrays) for v in value]
-    return value
-
-
-def round_state(server_round: int, cfg: RunConfig, history: dict[str, Any],
-                extra: dict[str, Any]) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """``state.json`` content for a finished round, and the extra state's arrays."""
-    extra_json, extra_arrays = split_arrays(extra)
-    state = {
+def round_state(server_round: int, cfg: RunConfig, history: dict[str, Any]) -> dict[str, Any]:
+    """``state.json`` content for a finished round."""
+    return {
         "version": STATE_VERSION, "round": server_round, "config_hash": config_hash(cfg),
-        "config": hashed_config(cfg), "history": history, "rng": rng_state(), "extra": extra_json,
+        "config": hashed_config(cfg), "history": history, "rng": rng_state(),
     }
-    return state, extra_arrays
 
 
 # --- resuming ------------------------------------------------------------------------------------------------
@@ -176,16 +138,12 @@ class ResumePoint:
         The global state after that round.
     state : dict
         The round's ``state.json``.
-    extra : dict
-        The method's ``extra_state()`` with its arrays put back.
     """
 
-    def __init__(self, server_round: int, arrays: dict[str, np.ndarray], state: dict[str, Any],
-                 extra: dict[str, Any]):
+    def __init__(self, server_round: int, arrays: dict[str, np.ndarray], state: dict[str, Any]):
         self.server_round = server_round
         self.arrays = arrays
         self.state = state
-        self.extra = extra
 
     @property
     def history(self) -> dict[str, Any]:
@@ -230,9 +188,7 @@ def find_resume_point(run_dir: Path, cfg: RunConfig) -> ResumePoint:
         more = f" (and {len(diffs) - 1} more)" if len(diffs) > 1 else ""
         raise ResumeError(f"cannot resume '{run_dir}': the config differs from the checkpoint's at {detail}{more}. "
                           "Resume with the run's own config (omit --config to use its config.toml).")
-    extra_file = round_dir(run_dir, last) / EXTRA_FILE
-    extra_arrays = load_file(str(extra_file)) if extra_file.is_file() else {}
-    return ResumePoint(last, arrays, state, join_arrays(state.get("extra", {}), extra_arrays))
+    return ResumePoint(last, arrays, state)
 
 
 def saved_config(run_dir: Path) -> Path:

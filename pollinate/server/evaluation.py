@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from pollinate.common.config import RunConfig
-from pollinate.common.data import TaskData, collate, encoder_for, format_prompt, load_task
+from pollinate.common.data import TaskData, collate, encoder_for, format_prompt, load_task, resolve_task_type
 from pollinate.common.models import load_tokenizer, model_device, resolve_model
 
 
@@ -21,7 +21,7 @@ class ServerEvaluator:
 
     def __init__(self, cfg: RunConfig):
         info = resolve_model(cfg.model.name)
-        task = info.default_task if cfg.data.task_type == "auto" else cfg.data.task_type
+        task = resolve_task_type(cfg.data, info.default_task)
         self.cfg = cfg
         self.model_path = info.path
         self.family = info.family

@@ -1,76 +1,113 @@
 """What every Pollinate server half shares, as a Flower strategy: the round loop stays Flower's ``start``.
 
-- messages carry the run config; bytes are counted as serialized, per client, both directions;
-- replies are validated by the method; a rejected reply is logged (metrics.jsonl + report) and the round
-  aggregates the others; a round with fewer valid replies than ``min_clients`` keeps the previous global;
+- each round samples nodes as Flower's FedAvg does and builds one message per sampled node (``train_content``)
+  carrying the sections its client half reads; bytes are counted as serialized, per client, both directions;
+- every reply is checked before it counts: the node that sent it names the client (``NodeIdentity``), its
+  example count is an integer in ``[1, federation.max_examples_per_client]``, the method decodes and checks its
+  update (``decode_reply``, no side effects), its norm in the method's update space (``update_norm``) is finite
+  and within ``federation.update_norm_bound`` and ``relative_norm_bound`` × the round's median. Any error
+  while checking one reply is that reply's rejection (metrics.jsonl + report) and the round goes on; a round
+  with fewer accepted replies than ``min_clients`` keeps the previous global;
 - after each round (Flower calls ``evaluate_fn``) the global model is evaluated, the round is recorded and
-  checkpointed (with the report history, RNG states and the method's ``extra_state()``, so a run resumes);
+  checkpointed (with the report history and RNG states, so a run resumes);
 - a node that does not reply within the round timeout is dropped from that round and named in the report.
-A resumed run sets ``round_offset``: Flower counts its rounds from 1, the base hooks add the offset, so the
-method hooks below always see the run's true round number.
-A method subclasses this and says only what differs: its initial state, what it sends, how it checks and
-aggregates replies, and how its global state becomes a model to evaluate and save.
+A resumed run sets ``round_offset``: Flower counts its rounds from 1, and the Flower-facing hooks translate that
+once (``in_run_rounds``), so every method hook sees the run's true round number.
+A method subclasses this and says only what differs: its initial state, what it sends, how it decodes, measures
+and aggregates replies, and how its global state becomes a model to evaluate and save.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from abc import abstractmethod
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from logging import INFO
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.common.logger import log
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import Strategy
+from flwr.serverapp.strategy.strategy_utils import sample_nodes
+from rich.text import Text
 
-from pollinate.common.checks import UpdateRejected, check_arrays  # noqa: F401  (re-exported for methods)
-from pollinate.common.config import RunConfig
+from pollinate.common.checks import UpdateRejected, check_arrays
+from pollinate.common.config import ConfigError, RunConfig
 from pollinate.common.profiles import ResourceProfile, comm_seconds
-from pollinate.common.report import RunRecorder
+from pollinate.common.report import RunRecorder, peer_text
 from pollinate.common.wire import arrays_to_record, record_to_arrays, wire_bytes
 from pollinate.methods import get_method
+from pollinate.server import robust
 from pollinate.server.checkpoint import round_state, save_round
 from pollinate.server.deployment import Deployment
+from pollinate.server.identity import NodeIdentity
+from pollinate.server.replies import (
+    Reply,
+    finite_number,
+    integer_in,
+    mean_train_loss,
+    relative_norm_outliers,
+    reply_metrics,
+    reported_numbers,
+)
+
+__all__ = ["PollinateStrategy", "Reply", "StateFedAvg", "UpdateRejected", "check_arrays", "rejection_reason"]
 
 
-def weighted_average(states: list[dict[str, np.ndarray]], weights: list[float]) -> dict[str, np.ndarray]:
-    """FedAvg: Σ_k (n_k / Σn) · state_k per tensor, accumulated in float64 in a fixed order."""
-    total = float(sum(weights))
-    if total <= 0:
-        raise ValueError(f"FedAvg weights must sum to > 0, got {weights}")
-    out = {}
-    for key in states[0]:
-        acc = np.zeros(states[0][key].shape, dtype=np.float64)
-        for state, weight in zip(states, weights, strict=True):
-            acc += (weight / total) * state[key].astype(np.float64)
-        out[key] = acc.astype(np.float32)
-    return out
+def in_run_rounds(hook: Callable[..., Any]) -> Callable[..., Any]:
+    """A Flower hook called with Flower's round number runs with the run's: ``+ round_offset`` (resume)."""
+
+    @functools.wraps(hook)
+    def translated(self: PollinateStrategy, server_round: int, *args: Any) -> Any:
+        return hook(self, server_round + self.round_offset, *args)
+
+    return translated
 
 
-class PollinateStrategy(FedAvg):
-    """Shared mechanics for every method; see the module docstring."""
+class PollinateStrategy(Strategy):
+    """Shared mechanics for every method; see the module docstring.
+
+    Parameters
+    ----------
+    cfg : RunConfig
+        The run's config (``[federation]`` sets sampling, bounds and the aggregator).
+    recorder : RunRecorder
+        Where rounds, client events and rejections are recorded.
+    run_dir : Path
+        The run directory (checkpoints, final artefacts).
+    deployment : Deployment or None, default None
+        The coordinator's network facts; None in simulation.
+    """
 
     def __init__(self, cfg: RunConfig, recorder: RunRecorder, run_dir: Path, deployment: Deployment | None = None):
         n = cfg.federation.clients
-        super().__init__(
-            fraction_train=cfg.federation.fraction_train, fraction_evaluate=0.0,
-            min_train_nodes=max(1, round(n * cfg.federation.fraction_train)), min_available_nodes=n,
-        )
+        self.fraction_train = cfg.federation.fraction_train
+        self.min_train_nodes = max(1, round(n * cfg.federation.fraction_train))
+        self.min_available_nodes = n
         self.cfg = cfg
         self.deployment = deployment  # None in simulation
         self.recorder = recorder
         self.run_dir = Path(run_dir)
         self.min_replies = cfg.federation.min_clients or 1
-        self._round_start = time.perf_counter()
+        registered = deployment.identities if deployment is not None else None
+        self.identity = NodeIdentity(dict(registered.clients) if registered is not None else None)
+        try:
+            robust.check_aggregator(cfg.federation.aggregator, self.min_train_nodes,
+                                    **robust_parameters(cfg, self.min_train_nodes))
+        except robust.AggregatorError as exc:
+            raise ConfigError(f"federation.aggregator = {cfg.federation.aggregator!r} with "
+                              f"{self.min_train_nodes} clients per round: {exc}") from exc
         self.global_arrays = ArrayRecord()
+        self.round_offset = 0  # rounds completed before this process started (resume)
+        self._round_start = time.perf_counter()
         self._down: dict[int, int] = {}
         self._clients: list[dict[str, Any]] = []
         self._train_loss: float | None = None
-        self.round_offset = 0  # rounds completed before this process started (resume)
-        self._client_of_node: dict[int, int] = {}  # names dropped nodes in the report
         self._sent: list[Message] = []
         # What a client half reads of the config: the core sections it uses and its method's own, no others.
         self.client_config = json.dumps(cfg.sections_for(get_method(cfg.method).client_sections), sort_keys=True)
@@ -81,12 +118,18 @@ class PollinateStrategy(FedAvg):
         """The global state before round 1."""
 
     @abstractmethod
-    def check_reply(self, server_round: int, content: RecordDict) -> None:
-        """Raise UpdateRejected when a reply must not be aggregated."""
+    def decode_reply(self, server_round: int, client_id: int, content: RecordDict) -> Any:
+        """The update in a reply of ``client_id``, checked (shapes, dtypes, finite, size); raise
+        ``UpdateRejected`` when it must not count. No side effects: what it returns reaches ``aggregate``."""
 
     @abstractmethod
-    def aggregate(self, server_round: int, contents: list[RecordDict]) -> ArrayRecord:
-        """New global state from the accepted replies (sorted by client id)."""
+    def update_norm(self, client_id: int, update: Any) -> float:
+        """L2 norm of a decoded update as a change of the global model (what the norm bounds apply to)."""
+
+    @abstractmethod
+    def aggregate(self, server_round: int, replies: list[Reply]) -> ArrayRecord:
+        """New global state from the accepted replies (sorted by client id), combined by
+        ``federation.aggregator``."""
 
     @abstractmethod
     def evaluate_global(self, arrays: ArrayRecord) -> dict[str, Any]:
@@ -102,13 +145,12 @@ class PollinateStrategy(FedAvg):
     def close(self) -> None:
         """After the run, also on errors (e.g. stop a service the method started); default nothing."""
 
-    def extra_state(self) -> dict[str, Any]:
-        """Method state beyond the global arrays that a resumed run needs (e.g. per-client plans); JSON values
-        and numpy arrays, nested in dicts/lists. Saved with every round's checkpoint; default none."""
-        return {}
+    def begin_round(self, grid: Grid, server_round: int) -> None:
+        """Before a round samples its nodes (e.g. FedPipe plans nodes that joined late); default nothing."""
 
-    def restore_state(self, state: dict[str, Any]) -> None:
-        """Take back what ``extra_state`` returned, on resume (called before ``prepare``); default nothing."""
+    def replies_in(self, server_round: int) -> None:
+        """The round's replies are in, before they are checked (e.g. SFPrompt revokes the round's split-service
+        tokens); default nothing."""
 
     def train_content(self, node_id: int, server_round: int, arrays: ArrayRecord,
                       config: ConfigRecord) -> RecordDict | None:
@@ -116,16 +158,12 @@ class PollinateStrategy(FedAvg):
         payloads override this."""
         return RecordDict({"arrays": arrays, "config": config})
 
-    def client_record(self, content: RecordDict, bytes_up: int, bytes_down: int) -> dict[str, Any]:
+    def client_record(self, client_id: int, content: RecordDict, bytes_up: int, bytes_down: int) -> dict[str, Any]:
         """Per-client report fields from its reply and its Flower bytes (methods may add their own, e.g. bytes
-        of another data plane)."""
+        of another data plane); numbers only, read from the reply's metrics."""
         metrics = content["metrics"]
-        keep = ("client_id", "train_seconds", "num-examples", "peak_rss_bytes", "train_loss")
-        record: dict[str, Any] = {"bytes_down": bytes_down, "bytes_up": bytes_up}
-        record.update({key: metrics[key] for key in keep if key in metrics})
-        record["num_examples"] = int(record.pop("num-examples", 0))
-        record["client_id"] = int(record.get("client_id", -1))
-        return record
+        return {"bytes_down": bytes_down, "bytes_up": bytes_up, "client_id": client_id, **reported_numbers(metrics),
+                "num_examples": int(metrics["num-examples"])}
 
     def round_fields(self) -> dict[str, Any]:
         """Extra per-round report fields of a method (e.g. totals of its own per-client fields)."""
@@ -133,90 +171,95 @@ class PollinateStrategy(FedAvg):
 
     def profile_timing(self, content: RecordDict, bytes_up: int, bytes_down: int) -> dict[str, Any]:
         """Enforce the client's profile: round time = compute (as its device) + bytes / its bandwidth."""
-        if "profile" not in content.config_records or "compute_seconds" not in content["metrics"]:
+        compute = finite_number(content["metrics"].get("compute_seconds"))
+        if "profile" not in content.config_records or compute is None or compute < 0:
             return {}
         profile = ResourceProfile(**dict(content["profile"]))
-        compute_s = float(content["metrics"]["compute_seconds"])
+        compute_s = float(compute)
         comm_s = comm_seconds(bytes_up, bytes_down, profile)
         round_s = compute_s + comm_s
         return {
-            "profile": profile.name, "memory_budget_bytes": int(profile.memory_bytes),
+            "profile": peer_text(profile.name), "memory_budget_bytes": int(profile.memory_bytes),
             "compute_seconds": round(compute_s, 3), "comm_seconds": round(comm_s, 3),
             "round_seconds": round(round_s, 3), "met_deadline": round_s <= self.cfg.federation.deadline_s,
         }
 
     # --- Flower hooks ---------------------------------------------------------------------------------
+    def summary(self) -> None:
+        fed = self.cfg.federation
+        log(INFO, "\t├── Pollinate %s: %d clients, fraction_train %g, aggregator %s", self.cfg.method,
+            fed.clients, fed.fraction_train, fed.aggregator)
+
+    @in_run_rounds
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        server_round += self.round_offset
+        self.identity.connected(grid.get_node_ids())  # a client whose node left may come back on a new one
+        self.begin_round(grid, server_round)
         self._round_start = time.perf_counter()
         self._down, self._clients = {}, []
         self.global_arrays = arrays  # the global state this round starts from (aggregate may need it)
-        sampled = super().configure_train(server_round, arrays, config, grid)
         config = ConfigRecord({**dict(config), "server-round": server_round, "run-config": self.client_config})
         messages = []
-        for msg in sampled:
-            node_id = msg.metadata.dst_node_id
+        for node_id in self.sample(grid):
             content = self.train_content(node_id, server_round, arrays, config)
             if content is None:
                 continue
             self._down[node_id] = wire_bytes(content)
-            messages.append(Message(content=content, dst_node_id=node_id, message_type=msg.metadata.message_type))
+            messages.append(Message(content=content, dst_node_id=node_id, message_type=MessageType.TRAIN))
         self._sent = messages  # the grid gives each its message id when it pushes it
         return messages
 
+    def sample(self, grid: Grid) -> list[int]:
+        """Flower FedAvg's sampling, draw for draw: ``fraction_train`` of the connected nodes (at least
+        ``min_train_nodes``), once ``min_available_nodes`` are connected."""
+        num_nodes = int(len(list(grid.get_node_ids())) * self.fraction_train)
+        node_ids, connected = sample_nodes(grid, self.min_available_nodes, max(num_nodes, self.min_train_nodes))
+        self.identity.connected(connected)
+        return node_ids
+
+    @in_run_rounds
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        server_round += self.round_offset
-        accepted: list[tuple[int, RecordDict]] = []
-        replied: set[int] = set()
+        replies = list(replies)
+        self.replies_in(server_round)
         # Errors the SuperLink makes itself (e.g. "node unavailable") come from its own id: name the destination.
         sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in self._sent}
+        checked: list[Reply] = []
+        replied: set[int] = set()
         for msg in replies:
             node_id = sent_to.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
+            reply = self._check(server_round, node_id, msg, first=node_id not in replied)
             replied.add(node_id)
-            if msg.has_error():
-                self.recorder.reject(server_round, self._client_of_node.get(node_id, f"node-{node_id}"),
-                                     f"client failed (node {node_id}): {msg.error.reason}")
-                continue
-            record = {"bytes_down": self._down.get(node_id, 0), "bytes_up": wire_bytes(msg.content)}
-            try:
-                if "metrics" not in msg.content.metric_records:
-                    raise UpdateRejected("reply has no 'metrics' MetricRecord")
-                record = self.client_record(msg.content, record["bytes_up"], record["bytes_down"])
-                record.update(self.profile_timing(msg.content, record["bytes_up"], record["bytes_down"]))
-                self.check_reply(server_round, msg.content)
-            except (UpdateRejected, KeyError, ValueError, TypeError) as exc:
-                self.recorder.reject(server_round, record.get("client_id", f"node-{node_id}"), str(exc))
-                self._clients.append({**record, "rejected": True})
-                continue
-            self._clients.append(record)
-            self._client_of_node[node_id] = record["client_id"]
-            self.recorder.client_event(server_round, **record)
-            accepted.append((record["client_id"], msg.content))
+            if reply is not None:
+                checked.append(reply)
+        accepted = self._within_relative_bound(server_round, checked)
+        for reply in accepted:
+            self._clients.append(reply.record)
+            self.recorder.client_event(server_round, **reply.record)
         for node_id in sorted(set(self._down) - replied):
-            self.recorder.reject(server_round, self._client_of_node.get(node_id, f"node-{node_id}"),
+            self.recorder.reject(server_round, self._name(node_id),
                                  f"dropped: node {node_id} sent no reply within federation.round_timeout_s = "
                                  f"{self.cfg.federation.round_timeout_s:g} s")
-        self._train_loss = None
-        if len(accepted) < self.min_replies:
-            self.recorder.event("round_skipped", round=server_round, accepted=len(accepted), needed=self.min_replies)
-            return None, None
-        accepted.sort(key=lambda item: item[0])
-        contents = [content for _, content in accepted]
-        weights = [float(c["metrics"]["num-examples"]) for c in contents]
-        self._train_loss = float(np.average([float(c["metrics"]["train_loss"]) for c in contents], weights=weights))
-        return self.aggregate(server_round, contents), MetricRecord({"train_loss": self._train_loss})
+        return self._aggregate(server_round, accepted)
 
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        return []  # the server evaluates the global model itself (``end_round``)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        return None
+
+    @in_run_rounds
     def end_round(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        """Flower's ``evaluate_fn``: evaluate, record and checkpoint the round (round 0 = before training)."""
-        if server_round == 0 and self.round_offset:
-            return None  # resumed: the initial evaluation is in the restored history
-        server_round += self.round_offset
-        evaluation = self.evaluate_global(arrays)
-        if server_round == 0:
+        """Flower's ``evaluate_fn``: evaluate, record and checkpoint the round. Flower's round 0 (before its
+        first round) is the run's initial evaluation, or nothing when resumed (it is in the restored history)."""
+        if server_round == self.round_offset:
+            if self.round_offset:
+                return None
+            evaluation = self.evaluate_global(arrays)
             self.recorder.initial(evaluation)
             return MetricRecord({"eval_loss": evaluation["eval_loss"]})
+        evaluation = self.evaluate_global(arrays)
         timed = [c for c in self._clients if "met_deadline" in c]
         record = {
             "round": server_round, "train_loss": self._train_loss, **evaluation,
@@ -225,24 +268,127 @@ class PollinateStrategy(FedAvg):
             "bytes_down": sum(c["bytes_down"] for c in self._clients),
             "seconds": round(time.perf_counter() - self._round_start, 3),
             **self.round_fields(),
-            "clients": sorted(self._clients, key=lambda c: c["client_id"]),
+            "clients": sorted(self._clients, key=_client_order),
         }
         self.recorder.round_done(record)
-        state, extra_arrays = round_state(server_round, self.cfg, self.recorder.history(), self.extra_state())
-        save_round(self.run_dir, server_round, record_to_arrays(arrays), state, extra_arrays)
+        state = round_state(server_round, self.cfg, self.recorder.history())
+        save_round(self.run_dir, server_round, record_to_arrays(arrays), state)
         return MetricRecord({"eval_loss": evaluation["eval_loss"]})
+
+    # --- one reply ------------------------------------------------------------------------------------
+    def _check(self, server_round: int, node_id: int, msg: Message, first: bool) -> Reply | None:
+        """The reply if it counts; otherwise its rejection is recorded and None returned. Nothing in a reply
+        can raise out of here: whatever goes wrong is that reply's rejection."""
+        if msg.has_error():
+            self.recorder.reject(server_round, self._name(node_id),
+                                 f"client failed (node {node_id}): {msg.error.reason}")
+            return None
+        record: dict[str, Any] = {"client_id": self._name(node_id), "bytes_down": self._down.get(node_id, 0),
+                                  "bytes_up": 0}
+        try:
+            record["bytes_up"] = wire_bytes(msg.content)
+            if not first:
+                raise UpdateRejected(f"node {node_id} sent more than one reply this round", reason="identity")
+            return self._read(server_round, node_id, msg, record)
+        except Exception as exc:  # noqa: BLE001  (a peer's reply must never end the round)
+            self.recorder.reject(server_round, record["client_id"], rejection_reason(exc))
+            self._clients.append({**record, "rejected": True})
+            return None
+
+    def _read(self, server_round: int, node_id: int, msg: Message, record: dict[str, Any]) -> Reply:
+        if msg.metadata.src_node_id != node_id:
+            raise UpdateRejected(f"a reply from node {msg.metadata.src_node_id} answers a message sent to node "
+                                 f"{node_id}", reason="identity")
+        metrics = reply_metrics(msg.content)
+        client_id = self.identity.resolve(node_id, metrics.get("client_id"))
+        record["client_id"] = client_id
+        fed = self.cfg.federation
+        num_examples = integer_in(metrics.get("num-examples"), 1, fed.max_examples_per_client, "num-examples",
+                                  reason="weight")
+        record.update(self.client_record(client_id, msg.content, record["bytes_up"], record["bytes_down"]))
+        record.update(self.profile_timing(msg.content, record["bytes_up"], record["bytes_down"]))
+        update = self.decode_reply(server_round, client_id, msg.content)
+        norm = float(self.update_norm(client_id, update))
+        if not np.isfinite(norm):
+            raise UpdateRejected(f"update L2 norm is {norm}", reason="non-finite")
+        if fed.update_norm_bound and norm > fed.update_norm_bound:
+            raise UpdateRejected(f"update L2 norm {norm:.3g} exceeds federation.update_norm_bound = "
+                                 f"{fed.update_norm_bound:g}", reason="norm")
+        record["update_norm"] = norm
+        return Reply(client_id, node_id, num_examples, msg.content, update, norm, record)
+
+    def _within_relative_bound(self, server_round: int, replies: list[Reply]) -> list[Reply]:
+        outliers = relative_norm_outliers(replies, self.cfg.federation.relative_norm_bound)
+        for index, reason in outliers.items():
+            self.recorder.reject(server_round, replies[index].client_id, reason)
+            self._clients.append({**replies[index].record, "rejected": True})
+        return [reply for i, reply in enumerate(replies) if i not in outliers]
+
+    def _aggregate(self, server_round: int,
+                   accepted: list[Reply]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        self._train_loss = None
+        if len(accepted) < self.min_replies:
+            self.recorder.event("round_skipped", round=server_round, accepted=len(accepted), needed=self.min_replies)
+            return None, None
+        accepted.sort(key=lambda reply: reply.client_id)
+        try:
+            arrays = self.aggregate(server_round, accepted)
+        except Exception as exc:  # noqa: BLE001  (every reply passed its checks: keep the global, go on)
+            reason = rejection_reason(exc)
+            self.recorder.event("round_skipped", round=server_round, accepted=len(accepted), reason=reason)
+            self.recorder.console.print(Text(f"round {server_round}: aggregation failed, the global model is "
+                                             f"unchanged: {reason}", style="yellow"))
+            return None, None
+        self._train_loss = mean_train_loss(accepted)
+        return arrays, MetricRecord({} if self._train_loss is None else {"train_loss": self._train_loss})
+
+    def combine(self, states: list[dict[str, np.ndarray]], weights: list[float]) -> dict[str, np.ndarray]:
+        """Client states (or updates) combined by ``federation.aggregator`` (``fedavg``: example-weighted)."""
+        name = self.cfg.federation.aggregator
+        return robust.aggregate(name, states, weights, **robust_parameters(self.cfg, len(states)))
+
+    def _name(self, node_id: int) -> int | str:
+        """How the report names a node: its client id once bound, else ``node-<id>``."""
+        client = self.identity.client_of(node_id)
+        return f"node-{node_id}" if client is None else client
+
+
+def robust_parameters(cfg: RunConfig, clients: int) -> dict[str, Any]:
+    """``robust.aggregate``'s parameters for a round of ``clients``: Krum tolerates ``federation.byzantine_clients``
+    and the trimmed mean drops that many clients at each end of every coordinate."""
+    byzantine = cfg.federation.byzantine_clients
+    # scipy trims floor(fraction · n) per end: the half keeps the floor at f whatever the float rounding.
+    return {"byzantine": byzantine, "trim_fraction": min((byzantine + 0.5) / max(clients, 1), 0.4999)}
+
+
+def rejection_reason(exc: BaseException) -> str:
+    """A rejection reason from an exception (peer text inside is cut and escaped by the recorder)."""
+    return str(exc) if isinstance(exc, UpdateRejected) else f"{type(exc).__name__}: {exc}"
+
+
+def _client_order(record: dict[str, Any]) -> tuple[int, int, str]:
+    client = record["client_id"]
+    return (0, client, "") if isinstance(client, int) else (1, 0, str(client))
 
 
 class StateFedAvg(PollinateStrategy):
     """A method whose global state is a fixed set of named fp32 tensors that every client receives and returns in
-    full: replies are checked against ``self.shapes`` and averaged weighted by examples (FedAvg)."""
+    full: replies are checked against ``self.shapes``; an update is the change of the global state; the new
+    global is the example-weighted mean (``fedavg``) or the global plus the robust aggregate of the changes."""
 
     shapes: dict[str, tuple[int, ...]]
 
-    def check_reply(self, server_round: int, content: RecordDict) -> None:
-        check_arrays(record_to_arrays(content["arrays"]), self.shapes)
+    def decode_reply(self, server_round: int, client_id: int, content: RecordDict) -> dict[str, np.ndarray]:
+        state = record_to_arrays(content["arrays"])
+        check_arrays(state, self.shapes)
+        return state
 
-    def aggregate(self, server_round: int, contents: list[RecordDict]) -> ArrayRecord:
-        states = [record_to_arrays(c["arrays"]) for c in contents]
-        weights = [float(c["metrics"]["num-examples"]) for c in contents]
-        return arrays_to_record(weighted_average(states, weights))
+    def update_norm(self, client_id: int, update: dict[str, np.ndarray]) -> float:
+        base = record_to_arrays(self.global_arrays)
+        squares = sum(float(np.square(value.astype(np.float64) - base[key]).sum()) for key, value in update.items())
+        return float(np.sqrt(squares))
+
+    def aggregate(self, server_round: int, replies: list[Reply]) -> ArrayRecord:
+        # Every aggregator is translation-equivariant (robust.py): combining states = global + combined changes.
+        states = [reply.update for reply in replies]
+        return arrays_to_record(self.combine(states, [float(reply.num_examples) for reply in replies]))

@@ -30,9 +30,10 @@ from pollinate.common.config_io import build_config
 from pollinate.common.data import ExampleStream
 from pollinate.common.lmloss import training_loss
 from pollinate.common.models import load_model
-from pollinate.methods.sfprompt.channel import LocalBody
-from pollinate.methods.sfprompt.client import el2n_scores, phase_steps, select_kept, train_prompts_and_tail
-from pollinate.methods.sfprompt.splitmodel import split_model
+from pollinate.methods.sfprompt.pruning import el2n_scores, select_kept
+from pollinate.methods.sfprompt.service import LocalBody
+from pollinate.methods.sfprompt.split import split_model
+from pollinate.methods.sfprompt.training import phase_steps, train_prompts_and_tail
 
 
 class FlopCounter(TorchDispatchMode):

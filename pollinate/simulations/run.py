@@ -6,27 +6,20 @@ ServerApp in-process and the ClientApp in Ray actors, all on 127.0.0.1.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import time
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from pollinate.common.config import RunConfig
-from pollinate.common.data import load_task, partition_indices
+from pollinate.common.data import load_task, partition_indices, resolve_task_type
+from pollinate.common.environment import SIMULATION_ENV, set_env_defaults
 from pollinate.common.models import resolve_model
-
-# Ray binds every interface unless told otherwise; Pollinate's listeners stay on loopback.
-LOOPBACK_ENV = {
-    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
-    "FLWR_TELEMETRY_ENABLED": "0",
-    "FLWR_DISABLE_UPDATE_CHECK": "1",
-    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-}
 
 
 def quiet_library_warnings() -> None:
@@ -44,15 +37,41 @@ def default_run_dir(cfg: RunConfig) -> Path:
 def preflight(cfg: RunConfig) -> None:
     """Fail before any process starts: the model resolves, the data loads and partitions without empties."""
     info = resolve_model(cfg.model.name)
-    task = info.default_task if cfg.data.task_type == "auto" else cfg.data.task_type
+    task = resolve_task_type(cfg.data, info.default_task)
     data = load_task(cfg.data, task, cfg.federation.seed)
     partition_indices(data.train, cfg.federation.clients, cfg.data, data.partition_by, cfg.federation.seed)
 
 
+@contextmanager
+def external_methods_for_workers() -> Iterator[None]:
+    """Methods registered from outside Pollinate (imported by the caller) reach the Ray workers: the workers
+    import their client halves (which registers them, see ``pollinate.client.app``) from the folders they live in."""
+    from pollinate.client.app import METHOD_MODULES_ENV
+    from pollinate.methods import METHODS
+
+    modules = sorted(spec.client for spec in METHODS.values() if not spec.client.startswith("pollinate."))
+    folders = []
+    for module in modules:
+        top = importlib.import_module(module.partition(".")[0])
+        source = Path(top.__file__).parent
+        folders.append(str(source.parent if hasattr(top, "__path__") else source))
+    saved = {key: os.environ.get(key) for key in (METHOD_MODULES_ENV, "PYTHONPATH")}
+    if modules:
+        os.environ[METHOD_MODULES_ENV] = ",".join(modules)
+        os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys([*folders, *filter(None, [saved["PYTHONPATH"]])]))
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 def simulate(cfg: RunConfig, run_dir: Path | None = None, quiet: bool = False,
              resume: bool = False) -> dict[str, Any]:
-    for key, value in LOOPBACK_ENV.items():
-        os.environ.setdefault(key, value)
+    set_env_defaults(SIMULATION_ENV)
     from flwr.app import Context
     from flwr.serverapp import Grid, ServerApp
     from flwr.simulation import run_simulation
@@ -72,14 +91,15 @@ def simulate(cfg: RunConfig, run_dir: Path | None = None, quiet: bool = False,
     logging.getLogger("flwr").setLevel(logging.ERROR)  # Pollinate prints its own per-round progress
     quiet_library_warnings()
     workers = max(1, int((os.cpu_count() or 2) // cfg.federation.client_cpus))
-    run_simulation(
-        server_app=server_app, client_app=client_app, num_supernodes=cfg.federation.clients,
-        backend_config={
-            "client_resources": {"num_cpus": cfg.federation.client_cpus, "num_gpus": 0.0},
-            "init_args": {"num_cpus": max(workers, 1) * cfg.federation.client_cpus, "include_dashboard": False,
-                          "logging_level": "error", "log_to_driver": False},
-        },
-    )
+    with external_methods_for_workers():
+        run_simulation(
+            server_app=server_app, client_app=client_app, num_supernodes=cfg.federation.clients,
+            backend_config={
+                "client_resources": {"num_cpus": cfg.federation.client_cpus, "num_gpus": 0.0},
+                "init_args": {"num_cpus": max(workers, 1) * cfg.federation.client_cpus, "include_dashboard": False,
+                              "logging_level": "error", "log_to_driver": False},
+            },
+        )
     if "report" not in outcome:
         raise RuntimeError(f"the simulation ended without a report; see the log above and {run_dir}/metrics.jsonl")
     return outcome["report"]

@@ -21,7 +21,9 @@ from pollinate.deploy.coordinator import (
     superlink_argv,
     write_app_dir,
 )
+from pollinate.deploy.identity import NodeIdentities
 from pollinate.deploy.join import CoordinatorUnreachableError, JoinError, JoinSpec, Node, node_config_arg
+from pollinate.deploy.keyfiles import PASSPHRASE_ENV
 from pollinate.deploy.keys import create_node_key, init_certs
 from pollinate.deploy.processes import free_loopback_port
 
@@ -73,7 +75,10 @@ def pki(tmp_path_factory):
     root = tmp_path_factory.mktemp("pki")
     certs = init_certs(root / "certs", ["coordinator.test"])
     other = init_certs(root / "other-ca", ["coordinator.test"])
-    keys = {name: create_node_key(root / "nodes", name) for name in ("n1", "n2", "intruder")}
+    keys = {name: create_node_key(root / "nodes", name) for name in ("n1", "intruder")}
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv(PASSPHRASE_ENV, "n2's passphrase")  # n2 joins with an encrypted key
+        keys["n2"] = create_node_key(root / "nodes", "n2")
     return {"certs": root / "certs", "ca": certs.ca_cert, "other_ca": other.ca_cert, "keys": keys}
 
 
@@ -89,6 +94,8 @@ def deployment(pki, tmp_path_factory):
     started = time.monotonic()
     run = _Background(lambda: coordinator.run(timeout_s=120))
     nodes = []
+    passphrase = pytest.MonkeyPatch()
+    passphrase.setenv(PASSPHRASE_ENV, "n2's passphrase")
     try:
         assert coordinator.ready.wait(60), "coordinator did not become ready"
         nodes = [
@@ -105,9 +112,11 @@ def deployment(pki, tmp_path_factory):
         coordinator.stop()
         for node in nodes:
             node.stop()
+        passphrase.undo()
     for runner in runners[:2]:
         runner.join(30)
-    yield {"run": run, "tmp": tmp, "elapsed": elapsed, "rejected": rejected, "nodes": nodes, "spec": spec}
+    yield {"run": run, "tmp": tmp, "elapsed": elapsed, "rejected": rejected, "nodes": nodes, "spec": spec,
+           "coordinator": coordinator}
 
 
 @pytest.mark.slow
@@ -121,6 +130,18 @@ def test_two_authenticated_nodes_complete_two_rounds_over_tls(deployment):
     assert [r["values"] for r in result["rounds"]] == [[6.0, 8.0], [7.0, 9.0]]
     assert result["run_config"]["num-rounds"] == 2
     print(f"coordinator start to run completed: {deployment['elapsed']:.1f} s")
+
+
+@pytest.mark.slow
+def test_replies_resolve_to_the_client_id_of_the_registered_key(deployment, pki):
+    assert pki["keys"]["n2"][0].read_bytes().startswith(b"-----BEGIN ENCRYPTED PRIVATE KEY-----")
+    result = json.loads((deployment["tmp"] / "result.json").read_text())
+    identities = NodeIdentities.from_run_config(result["run_config"])
+    assert identities is not None and identities == deployment["coordinator"].identities
+    # n1 (data 5) was registered first, n2 (data 7) second: round 1 values 6 and 8.
+    by_node = result["rounds"][0]["by_node"]
+    clients = {value: identities.client_id_for_node(int(node)) for node, value in by_node.items()}
+    assert clients == {6.0: 0, 8.0: 1}
 
 
 @pytest.mark.slow

@@ -30,7 +30,7 @@ from pollinate.server.checkpoint import (
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _fake_run(run_dir: Path, cfg: RunConfig, rounds: int = 2, extra: dict | None = None) -> None:
+def _fake_run(run_dir: Path, cfg: RunConfig, rounds: int = 2) -> None:
     """A run directory as the server leaves it: config.toml and checkpoints with resume state."""
     run_dir.mkdir(parents=True)
     (run_dir / "config.toml").write_text(to_toml(cfg))
@@ -38,8 +38,7 @@ def _fake_run(run_dir: Path, cfg: RunConfig, rounds: int = 2, extra: dict | None
                "elapsed_s": 1.5}
     for r in range(1, rounds + 1):
         history["rounds"].append({"round": r, "eval_loss": 2.0 - r / 10})
-        state, arrays = round_state(r, cfg, history, extra or {})
-        save_round(run_dir, r, {"w": np.full((2, 3), r, dtype=np.float32)}, state, arrays)
+        save_round(run_dir, r, {"w": np.full((2, 3), r, dtype=np.float32)}, round_state(r, cfg, history))
 
 
 def test_rng_state_round_trips_python_numpy_and_torch():
@@ -50,17 +49,14 @@ def test_rng_state_round_trips_python_numpy_and_torch():
     assert (random.random(), float(np.random.rand()), float(torch.rand(1))) == first
 
 
-def test_resume_point_is_the_last_complete_round_with_method_state_and_arrays(tmp_path):
+def test_resume_point_is_the_last_complete_round_with_its_arrays_and_history(tmp_path):
     cfg = RunConfig()
-    extra = {"plans": {"0": {"rank": 4}}, "residual": np.arange(6, dtype=np.float32).reshape(2, 3)}
-    _fake_run(tmp_path / "run", cfg, rounds=2, extra=extra)
+    _fake_run(tmp_path / "run", cfg, rounds=2)
     # A crash while writing round 3 leaves only a temporary directory: it must be ignored.
     (round_dir(tmp_path / "run", 3).with_name("round-0003.tmp")).mkdir()
     point = find_resume_point(tmp_path / "run", cfg)
     assert point.server_round == 2 and latest_round(tmp_path / "run") == 2
     assert np.array_equal(point.arrays["w"], np.full((2, 3), 2, dtype=np.float32))
-    assert point.extra["plans"] == {"0": {"rank": 4}}
-    assert np.array_equal(point.extra["residual"], extra["residual"])
     assert [r["round"] for r in point.history["rounds"]] == [1, 2]
 
 

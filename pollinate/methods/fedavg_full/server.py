@@ -1,7 +1,7 @@
 """fedavg-full, server half: FedAvg of every fp32 parameter (federated full fine-tuning).
 
 The comparison method for SFPrompt: the global state is the whole model, every client receives and returns
-all of it, and the new global is the example-weighted mean. The final model is saved with
+all of it, and the new global is the example-weighted mean (``federation.aggregator``). The final model is saved with
 ``save_pretrained`` (loadable with ``Auto*.from_pretrained``).
 """
 

@@ -1,7 +1,8 @@
 """fedavg-lora, server half: FedAvg of the full fp32 LoRA state (the FlowerTune protocol baseline).
 
 The global state is peft's adapter state dict; every client receives all of it and returns all of it;
-the new global is the example-weighted mean. Evaluation and the saved adapter use the same peft model.
+the new global is the example-weighted mean (``federation.aggregator``). Evaluation and the saved adapter use
+the same peft model.
 """
 
 from __future__ import annotations

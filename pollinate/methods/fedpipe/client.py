@@ -25,6 +25,7 @@ from pollinate.common.adapters import adapter_state, load_adapter_state, peft_lo
 from pollinate.common.config import RunConfig
 from pollinate.common.data import ExampleStream
 from pollinate.common.models import FAMILY_ALL_LINEAR, model_device, resolve_model
+from pollinate.common.seeds import derive_seed
 from pollinate.common.wire import bytes_to_record, record_to_arrays, record_to_bytes
 from pollinate.methods.fedpipe.codec import ErrorFeedback, decode_bundle
 
@@ -72,7 +73,7 @@ def prepare(msg: Message, cfg: RunConfig, context: Context) -> RecordDict:
     names = candidate_names(base, cfg.fedpipe.candidate_modules or FAMILY_ALL_LINEAR[info.family])
     runtime.seed_everything(cfg, 0, data.client_id)
     batches = ExampleStream(data.encoded, cfg.train.batch_size, runtime.tokenizer_for(cfg).pad_token_id,
-                            seed=cfg.federation.seed + data.client_id)
+                            seed=derive_seed(cfg.federation.seed, "client-scoring-batches", data.client_id))
     scores = importance_scores(base, batches, names, cfg.fedpipe.score_batches)
     runtime.drop_cached(("base",), tag="fedpipe-score")  # scoring is one-off; free the fp32 copy
     return RecordDict({

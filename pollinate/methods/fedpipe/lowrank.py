@@ -1,4 +1,4 @@
-"""Heterogeneous-rank LoRA algebra: exact aggregation, stacking and SVD refactorisation.
+"""Heterogeneous-rank LoRA algebra: exact update-space aggregation and SVD refactorisation.
 
 Conventions follow peft: ``lora_A`` has shape ``(r, in_features)``, ``lora_B`` has shape
 ``(out_features, r)`` and the weight update is ``ΔW = scaling · B @ A`` with ``scaling = alpha / r``
@@ -10,30 +10,19 @@ Conventions follow peft: ``lora_A`` has shape ``(r, in_features)``, ``lora_B`` h
 from __future__ import annotations
 
 import math
-import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 __all__ = [
     "LoraFactors",
-    "aggregate_heterogeneous_lora",
-    "aggregate_lora_adapters",
+    "apply_weighted_updates",
     "factorize_delta",
-    "group_lora_state",
-    "lora_delta",
     "lora_scaling",
-    "lora_state_from_factors",
     "normalize_weights",
     "reproject_lora",
-    "stack_lora",
-    "stack_lora_adapters",
 ]
-
-# peft's get_peft_model_state_dict keys: "<module>.lora_A.weight"; a model's own state_dict adds the
-# adapter name: "<module>.lora_A.<adapter>.weight". Both are accepted.
-_LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<which>[AB])(?:\.(?P<adapter>[^.]+))?\.weight$")
 
 
 def lora_scaling(alpha: float, rank: int, rslora: bool = False) -> float:
@@ -103,11 +92,6 @@ class LoraFactors:
         return self.scaling * (self.b.astype(np.float64) @ self.a.astype(np.float64))
 
 
-def lora_delta(a: np.ndarray, b: np.ndarray, alpha: float, rslora: bool = False) -> np.ndarray:
-    """``(alpha / r) · B @ A`` for ``a`` of shape ``(r, in)`` and ``b`` of shape ``(out, r)``, in float64."""
-    return LoraFactors(a, b, alpha, rslora).delta()
-
-
 def normalize_weights(weights: Sequence[float], count: int | None = None) -> np.ndarray:
     """Aggregation weights (e.g. example counts) as probabilities ``p_k = w_k / Σ w``.
 
@@ -127,80 +111,6 @@ def normalize_weights(weights: Sequence[float], count: int | None = None) -> np.
     if total <= 0:
         raise ValueError(f"weights sum to {total}: at least one update needs a positive weight")
     return w / total
-
-
-def _check_same_shape(
-    updates: Sequence[LoraFactors], indices: Sequence[int] | None = None, what: str = "update"
-) -> None:
-    """All updates share ``(out_features, in_features)``; errors name the caller's index of the culprit."""
-    if len(updates) == 0:
-        return
-    indices = list(range(len(updates))) if indices is None else list(indices)
-    out_in = (updates[0].out_features, updates[0].in_features)
-    for k, u in zip(indices, updates, strict=True):
-        if (u.out_features, u.in_features) != out_in:
-            raise ValueError(
-                f"{what} {k} has ΔW shape ({u.out_features}, {u.in_features}) (out_features, in_features), "
-                f"expected {out_in} like {what} {indices[0]}"
-            )
-
-
-def _stack_scaled(updates: Sequence[LoraFactors], p: np.ndarray) -> LoraFactors:
-    """``B = [p_k s_k B_k]``, ``A = [A_k]`` with scaling 1, for already-normalised ``p``."""
-    scaled = [p_k * u.scaling * u.b.astype(np.float64) for p_k, u in zip(p, updates, strict=True)]
-    b = np.concatenate(scaled, axis=1)
-    a = np.concatenate([u.a.astype(np.float64) for u in updates], axis=0)
-    # alpha = rank makes peft's scaling exactly 1, so the weights live in B alone.
-    return LoraFactors(a=a, b=b, alpha=float(a.shape[0]))
-
-
-def stack_lora(updates: Sequence[LoraFactors], weights: Sequence[float]) -> LoraFactors:
-    """Exact aggregate as one LoRA of rank ``Σ r_k``: ``B = [p_k s_k B_k]``, ``A = [A_k]``, scaling 1.
-
-    ``stack_lora(u, w).delta()`` equals ``aggregate_heterogeneous_lora(u, w)``; the stacked factors are
-    what ``reproject_lora`` refactorises cheaply without forming ΔW.
-    """
-    p = normalize_weights(weights, len(updates))
-    _check_same_shape(updates)
-    return _stack_scaled(updates, p)
-
-
-def aggregate_heterogeneous_lora(updates: Sequence[LoraFactors], weights: Sequence[float]) -> np.ndarray:
-    """Exact weighted aggregate ``Σ_k p_k (α_k / r_k) B_k A_k`` of one module's LoRA updates, in float64.
-
-    Ranks and alphas may differ between updates; ``in_features``/``out_features`` may not.
-    ``weights`` are normalised to ``p_k``; negative weights or a zero sum raise ``ValueError``.
-    """
-    # One GEMM over the stacked factors equals the sum of per-client products, at the same cost.
-    return stack_lora(updates, weights).delta()
-
-
-def stack_lora_adapters(
-    adapters: Sequence[Mapping[str, LoraFactors]], weights: Sequence[float]
-) -> dict[str, LoraFactors]:
-    """``stack_lora`` per module over whole adapters that may adapt different module subsets.
-
-    A module that a client did not adapt contributes zero for it: ``p`` is normalised over all clients,
-    not over those that adapted the module (they did not move it, so their update there is 0).
-    """
-    p = normalize_weights(weights, len(adapters))
-    modules = sorted({name for adapter in adapters for name in adapter})
-    result: dict[str, LoraFactors] = {}
-    for name in modules:
-        holders = [k for k, adapter in enumerate(adapters) if name in adapter]
-        _check_same_shape([adapters[k][name] for k in holders], holders, what=f"module '{name}' of client")
-        result[name] = _stack_scaled([adapters[k][name] for k in holders], p[holders])
-    return result
-
-
-def aggregate_lora_adapters(
-    adapters: Sequence[Mapping[str, LoraFactors]], weights: Sequence[float]
-) -> dict[str, np.ndarray]:
-    """Exact aggregate ΔW per module (float64) over adapters that may adapt different module subsets.
-
-    A module a client did not adapt contributes zero for it (see ``stack_lora_adapters``).
-    """
-    return {name: stacked.delta() for name, stacked in stack_lora_adapters(adapters, weights).items()}
 
 
 def _split_singular_values(
@@ -252,7 +162,7 @@ def reproject_lora(
     """``factorize_delta(factors.delta(), ...)`` without forming the ``(out, in)`` matrix.
 
     With ``B = Q_b R_b`` and ``Aᵀ = Q_a R_a`` (thin QR), ``s·B A = Q_b (s R_b R_aᵀ) Q_aᵀ``, so the SVD of the
-    small ``R × R`` core gives the SVD of ΔW in ``O((out + in) R²)``: the cheap path after ``stack_lora``
+    small ``R × R`` core gives the SVD of ΔW in ``O((out + in) R²)``: the cheap path for stacked client factors
     (R = Σ client ranks), where a dense SVD of a 4096 × 4096 ΔW per module would dominate a round.
     """
     if rank < 1:
@@ -269,55 +179,17 @@ def reproject_lora(
     return _split_singular_values(u, s, vt, rank, alpha, rslora, np.dtype(dtype)), s_full[rank:]
 
 
-def group_lora_state(state: Mapping[str, np.ndarray]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Pair peft state-dict entries into ``{module: (lora_A, lora_B)}``.
-
-    Keys are those of ``peft.get_peft_model_state_dict``, e.g.
-    ``"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"`` → module
-    ``"base_model.model.model.layers.0.self_attn.q_proj"``; keys with an adapter name
-    (``"...q_proj.lora_A.default.weight"``) are accepted too. Entries that are not LoRA A/B weights
-    (``modules_to_save``, biases, embeddings' ``lora_embedding_*``) are not LoRA factors and are skipped.
-    """
-    halves: dict[str, dict[str, np.ndarray]] = {}
-    for key, value in state.items():
-        match = _LORA_KEY.match(key)
-        if match is None:
-            continue
-        module, which = match["module"], match["which"]
-        if which in halves.setdefault(module, {}):
-            raise ValueError(f"module '{module}' has more than one lora_{which} entry (second: '{key}')")
-        halves[module][which] = np.asarray(value)
-    grouped: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    for module, pair in halves.items():
-        missing = {"A", "B"} - pair.keys()
-        if missing:
-            have, lack = "".join(pair), "".join(missing)
-            raise ValueError(f"module '{module}' has lora_{have} but no lora_{lack} entry")
-        LoraFactors(pair["A"], pair["B"], alpha=1.0)  # validates shapes; errors name the offending shapes
-        grouped[module] = (pair["A"], pair["B"])
-    return grouped
-
-
-def lora_state_from_factors(
-    factors: Mapping[str, LoraFactors | tuple[np.ndarray, np.ndarray]],
-    *,
-    adapter_name: str | None = None,
-    dtype: np.dtype | type | None = np.float32,
-) -> dict[str, np.ndarray]:
-    """The reverse of ``group_lora_state``: ``{module: (a, b)}`` → peft state keys.
-
-    ``adapter_name=None`` gives ``get_peft_model_state_dict`` keys (``"<module>.lora_A.weight"``), which
-    ``set_peft_model_state_dict`` loads; a name gives ``"<module>.lora_A.<name>.weight"``. ``dtype=None``
-    keeps the factors' dtype.
-    """
-    infix = "" if adapter_name is None else f".{adapter_name}"
-    state: dict[str, np.ndarray] = {}
-    for module, f in factors.items():
-        a, b = (f.a, f.b) if isinstance(f, LoraFactors) else f
-        LoraFactors(a, b, alpha=1.0)
-        state[f"{module}.lora_A{infix}.weight"] = np.asarray(a, dtype=dtype)
-        state[f"{module}.lora_B{infix}.weight"] = np.asarray(b, dtype=dtype)
-    return state
+def _check_same_shape(current: LoraFactors | None,
+                      updates: Sequence[tuple[float, LoraFactors, LoraFactors]]) -> None:
+    """Every factor pair describes a ΔW of one shape; the error names the client (update index) that differs."""
+    out_in = (updates[0][1].out_features, updates[0][1].in_features)
+    named = [("the current ΔW", current)] if current is not None else []
+    for k, (_, start, trained) in enumerate(updates):
+        named += [(f"update {k}'s start", start), (f"update {k}'s trained factors", trained)]
+    for what, factors in named:
+        if (factors.out_features, factors.in_features) != out_in:
+            raise ValueError(f"{what} has ΔW shape ({factors.out_features}, {factors.in_features}) "
+                             f"(out_features, in_features), expected {out_in} like update 0")
 
 
 def apply_weighted_updates(
@@ -341,8 +213,8 @@ def apply_weighted_updates(
     if current is not None:
         b_parts.append(current.scaling * current.b.astype(np.float64))
         a_parts.append(current.a.astype(np.float64))
+    _check_same_shape(current, updates)
     for q_k, (_, start, trained) in zip(q, updates, strict=True):
-        _check_same_shape([start, trained], what="start/trained pair")
         b_parts += [q_k * trained.scaling * trained.b.astype(np.float64),
                     -q_k * start.scaling * start.b.astype(np.float64)]
         a_parts += [trained.a.astype(np.float64), start.a.astype(np.float64)]

@@ -4,22 +4,20 @@ One code path on CPU and CUDA; peft has dedicated LoRA layers for bitsandbytes m
 keys and shapes do not depend on the base's bits, so clients with different bits aggregate together.
 
 Bits: 32 = fp32 base, 16 = bf16 base (no bitsandbytes), 8 = LLM.int8, 4 = NF4 with double
-quantization and bf16 compute (the fastest of the measured CPU variants, see ``ENVIRONMENT.md``).
+quantization and bf16 compute (the fastest of the CPU variants measured).
 Never merge an adapter into a quantized base on a client; merge on the server into an fp32/bf16 base.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+from transformers import BitsAndBytesConfig
 
 __all__ = [
     "ALLOWED_BITS",
     "is_quantized",
-    "load_quantized",
     "prepare_quantized_model",
     "quantization_config",
     "silence_bitsandbytes",
@@ -83,20 +81,3 @@ def prepare_quantized_model(model: torch.nn.Module) -> torch.nn.Module:
         if isinstance(module, bnb.nn.Linear4bit):
             module.support_avx512bf16_for_cpu = False
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-
-
-def load_quantized(path: str, bits: int, model_cls: Any = AutoModelForCausalLM, **kw: Any) -> torch.nn.Module:
-    """Load a Hugging Face model from ``path`` with its base at ``bits``, ready for LoRA training.
-
-    Extra keyword arguments go to ``model_cls.from_pretrained`` (e.g. ``gguf_file``, ``num_labels``).
-    Quantized models load with fp32 non-quantized parts and ``device_map`` defaulting to the first
-    CUDA device if there is one, else the CPU.
-    """
-    qcfg = quantization_config(bits)
-    if qcfg is None:
-        kw.setdefault("dtype", torch.bfloat16 if bits == 16 else torch.float32)
-        return model_cls.from_pretrained(path, **kw)
-    kw.setdefault("dtype", torch.float32)
-    kw.setdefault("device_map", "cuda:0" if torch.cuda.is_available() else "cpu")
-    model = model_cls.from_pretrained(path, quantization_config=qcfg, **kw)
-    return prepare_quantized_model(model)

@@ -10,7 +10,11 @@ gets, per planned module, the best rank-r_k factorisation of the global ΔW (SVD
 get a fresh peft-style init — encoded as a delta against the factors it holds (first time: in full). Its reply is
 the compressed delta of its trained factors. Aggregation is FedAvg in update space, exact for any mix of ranks:
 ``ΔW ← ΔW + Σ_k q_k s_k (B'_k A'_k − B⁰_k A⁰_k)`` with ``q_k`` the example weights of the clients that adapted
-the module (stacked factors, then re-projected; the truncation error is logged per round).
+the module (stacked factors, then re-projected; the truncation error is logged per round). Norm bounds and the
+robust aggregators work on the same ΔW_k (``update_space``).
+
+A client is the node that sent its replies (``NodeIdentity``), from round 0 on: a second node naming a planned
+client's id is refused, in round 0 and after.
 """
 
 from __future__ import annotations
@@ -32,8 +36,10 @@ from pollinate.common.config import ConfigError, RunConfig
 from pollinate.common.models import FAMILY_ALL_LINEAR, load_model
 from pollinate.common.profiles import ResourceProfile
 from pollinate.common.report import RunRecorder
+from pollinate.common.seeds import derive_seed
 from pollinate.common.wire import arrays_to_record, bytes_to_record, record_to_arrays, record_to_bytes
-from pollinate.methods.fedpipe.codec import decode_bundle, encode_bundle
+from pollinate.methods.fedpipe import update_space
+from pollinate.methods.fedpipe.codec import WIRE_BYTES_PER_PARAM, decode_bundle, encode_bundle
 from pollinate.methods.fedpipe.lowrank import LoraFactors, apply_weighted_updates, reproject_lora
 from pollinate.methods.fedpipe.planner import (
     ClientPlan,
@@ -43,12 +49,12 @@ from pollinate.methods.fedpipe.planner import (
     model_spec_from_model,
     plan_clients,
 )
+from pollinate.server import robust
 from pollinate.server.deployment import Deployment
 from pollinate.server.evaluation import ServerEvaluator
-from pollinate.server.strategy import PollinateStrategy, UpdateRejected
+from pollinate.server.replies import finite_number, integer_in, reply_metrics
+from pollinate.server.strategy import PollinateStrategy, Reply, UpdateRejected, rejection_reason
 
-# Bytes per adapter parameter on the wire, per encoding (what the planner's time model charges).
-WIRE_BYTES_PER_PARAM = {"dense-fp32": 4.0, "dense-fp16": 2.0, "int8": 1.07, "nf4": 0.57, "lowrank": 2.0}
 LORA_ALPHA_PER_RANK = 2.0  # alpha = 2r on every client: the same scaling (2) whatever the planned rank
 
 
@@ -105,7 +111,6 @@ class FedPipe(PollinateStrategy):
         self.round_starts: dict[int, dict[str, np.ndarray]] = {}
         self.importance: dict[str, float] = {}
         self.truncation: float = 0.0
-        self._trained: dict[int, dict[str, np.ndarray]] = {}
 
     # --- round 0: profiles, importance, plans ---------------------------------------------------------
     def plan_options(self) -> PlanOptions:
@@ -124,14 +129,13 @@ class FedPipe(PollinateStrategy):
         if not self.plans:
             raise RuntimeError("no client could be planned in FedPipe's round 0 (see 'rejected' in metrics.jsonl)")
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                        grid: Grid) -> list[Message]:
+    def begin_round(self, grid: Grid, server_round: int) -> None:
         """Nodes seen for the first time (joined late, or rejoined with a new node id) are profiled, scored and
         planned against the run's importance map before they get a training message."""
+        self.round_starts = {}  # filled per client as this round's messages are built
         new_nodes = [n for n in grid.get_node_ids() if n not in self.node_client]
         if new_nodes and self.importance:
             self._prepare_nodes(grid, new_nodes, server_round)
-        return list(super().configure_train(server_round, arrays, config, grid))
 
     def _prepare_nodes(self, grid: Grid, node_ids: list[int], server_round: int) -> None:
         """Ask ``node_ids`` for profile + importance scores; the first call fixes the run's importance map."""
@@ -140,16 +144,19 @@ class FedPipe(PollinateStrategy):
                     for n in node_ids]
         scores, weights, profiles, clients = [], [], [], []
         for reply in grid.send_and_receive(messages, timeout=self.cfg.federation.round_timeout_s):
+            node_id = reply.metadata.src_node_id
             if reply.has_error():
-                self.recorder.reject(server_round, f"node-{reply.metadata.src_node_id}",
-                                     f"prepare failed: {reply.error.reason}")
+                self.recorder.reject(server_round, f"node-{node_id}", f"prepare failed: {reply.error.reason}")
                 continue
-            content = reply.content
-            client_id = int(content["metrics"]["client_id"])
-            self.node_client[reply.metadata.src_node_id] = client_id
-            scores.append({k: float(v) for k, v in content["scores"].items() if k in self.shapes})
-            weights.append(float(content["metrics"]["num-examples"]))
-            profiles.append(ResourceProfile(**dict(content["profile"])))
+            try:  # a malformed reply is that node's rejection, never the run's end
+                client_id, score, examples, profile = self._read_prepare_reply(node_id, reply.content)
+            except Exception as exc:  # noqa: BLE001
+                self.recorder.reject(server_round, f"node-{node_id}", f"prepare reply: {rejection_reason(exc)}")
+                continue
+            self.node_client[node_id] = client_id
+            scores.append(score)
+            weights.append(float(examples))
+            profiles.append(profile)
             clients.append(client_id)
         if not clients:
             return
@@ -163,6 +170,18 @@ class FedPipe(PollinateStrategy):
         self.recorder.event("plans", round=server_round,
                             importance_top=sorted(self.importance, key=self.importance.get)[-5:],
                             plans={str(c): _plan_summary(p) for c, p in new_plans.items()})
+
+    def _read_prepare_reply(self, node_id: int,
+                            content: RecordDict) -> tuple[int, dict[str, float], int, ResourceProfile]:
+        """Client id (from its node), importance scores, example count and profile of a round-0 reply."""
+        metrics = reply_metrics(content)
+        client_id = self.identity.resolve(node_id, metrics.get("client_id"))
+        examples = integer_in(metrics.get("num-examples"), 1, self.cfg.federation.max_examples_per_client,
+                              "num-examples", reason="weight")
+        scores = {k: finite_number(v) for k, v in content["scores"].items() if k in self.shapes}
+        if any(value is None for value in scores.values()):
+            raise UpdateRejected("importance scores must be finite numbers", reason="non-finite")
+        return client_id, scores, examples, ResourceProfile(**dict(content["profile"]))
 
     def _plan_each(self, profiles: list[ResourceProfile], clients: list[int]) -> dict[int, ClientPlan]:
         """Plan every client; one that fits nothing is reported (planner's message) and left out."""
@@ -197,7 +216,7 @@ class FedPipe(PollinateStrategy):
         if plan is None:
             return None  # not planned (joined late or fits nothing): left out of training
         current = self.global_factors(arrays)
-        seed = self.cfg.federation.seed * 1_000_003 + server_round
+        seed = derive_seed(self.cfg.federation.seed, "server-round", server_round)
         target: dict[str, np.ndarray] = {}
         for module, rank in plan.ranks.items():
             factors = factors_for_client(current.get(module), module, rank, self.shapes[module], seed)
@@ -224,39 +243,57 @@ class FedPipe(PollinateStrategy):
         self.round_starts[client] = start
         return payload
 
-    def check_reply(self, server_round: int, content: RecordDict) -> None:
-        client = int(content["metrics"]["client_id"])
-        start = self.round_starts.get(client)
+    def decode_reply(self, server_round: int, client_id: int, content: RecordDict) -> dict[str, np.ndarray]:
+        """The client's trained factors: what it was sent this round plus its decoded, checked delta."""
+        start = self.round_starts.get(client_id)
         if start is None:
-            raise UpdateRejected(f"client {client} sent an update but was not sent a plan this round")
+            raise UpdateRejected(f"client {client_id} sent an update but was not sent a plan this round")
         fp = self.cfg.fedpipe
         bundle = decode_bundle(record_to_bytes(content["arrays"]),
                                expected_shapes={k: v.shape for k, v in start.items()}, require_all=True,
                                max_bytes=fp.max_update_bytes, norm_bound=fp.norm_bound)
-        if bundle.base_version != self.held_version.get(client):
+        if bundle.base_version != self.held_version.get(client_id):
             raise UpdateRejected(f"update is against version {bundle.base_version}, the server sent "
-                                 f"{self.held_version.get(client)}")
-        self._trained[client] = {k: start[k] + bundle.tensors[k] for k in start}
+                                 f"{self.held_version.get(client_id)}")
+        return {k: start[k] + bundle.tensors[k] for k in start}
 
-    def aggregate(self, server_round: int, contents: list[RecordDict]) -> ArrayRecord:
-        current = self.global_factors(self.global_arrays)
+    def module_changes(self, client_id: int, trained: dict[str, np.ndarray]) -> dict[str, tuple[LoraFactors,
+                                                                                                LoraFactors]]:
+        """``{module: (start, trained)}`` factors of one client's planned modules this round."""
+        start, changes = self.round_starts[client_id], {}
+        for module, rank in self.plans[client_id].ranks.items():
+            key_a, key_b = lora_keys(module)
+            alpha = LORA_ALPHA_PER_RANK * rank
+            changes[module] = (LoraFactors(a=start[key_a], b=start[key_b], alpha=alpha),
+                               LoraFactors(a=trained[key_a], b=trained[key_b], alpha=alpha))
+        return changes
+
+    def update_norm(self, client_id: int, update: dict[str, np.ndarray]) -> float:
+        """``‖ΔW_k‖_F`` over the client's modules, from its factors."""
+        changes = self.module_changes(client_id, update)
+        return update_space.update_norm({m: update_space.factor_pair(*pair) for m, pair in changes.items()})
+
+    def aggregate(self, server_round: int, replies: list[Reply]) -> ArrayRecord:
+        """FedAvg (exact, per module over its adapters); Krum/Multi-Krum: the same over the clients they select,
+        equally weighted; median/trimmed mean: per module on the dense ΔW_k (see ``update_space``)."""
+        aggregator, byzantine = self.cfg.federation.aggregator, self.cfg.federation.byzantine_clients
+        weights = [float(reply.num_examples) for reply in replies]
+        if aggregator in ("krum", "multi-krum"):
+            pairs = [{m: update_space.factor_pair(*p) for m, p in self.module_changes(r.client_id, r.update).items()}
+                     for r in replies]
+            keep = 1 if aggregator == "krum" else len(replies) - byzantine
+            chosen = robust.krum_select(update_space.distance_embedding(pairs), byzantine, keep)
+            replies, weights = [replies[i] for i in chosen], [1.0] * len(chosen)
         per_module: dict[str, list[tuple[float, LoraFactors, LoraFactors]]] = {}
-        for content in contents:
-            client = int(content["metrics"]["client_id"])
-            weight = float(content["metrics"]["num-examples"])
-            start, trained = self.round_starts[client], self._trained.pop(client)
-            for module, rank in self.plans[client].ranks.items():
-                key_a, key_b = lora_keys(module)
-                alpha = LORA_ALPHA_PER_RANK * rank
-                per_module.setdefault(module, []).append((
-                    weight, LoraFactors(a=start[key_a], b=start[key_b], alpha=alpha),
-                    LoraFactors(a=trained[key_a], b=trained[key_b], alpha=alpha)))
+        for reply, weight in zip(replies, weights, strict=True):
+            for module, (start, trained) in self.module_changes(reply.client_id, reply.update).items():
+                per_module.setdefault(module, []).append((weight, start, trained))
+        current = self.global_factors(self.global_arrays)
         state: dict[str, np.ndarray] = {}
         dropped_sq = 0.0
         for module in sorted(set(current) | set(per_module)):
             if module in per_module:
-                new, dropped = apply_weighted_updates(current.get(module), per_module[module],
-                                                      self.cfg.fedpipe.global_rank)
+                new, dropped = self._combine_module(current.get(module), per_module[module])
                 dropped_sq += float(np.sum(dropped ** 2))
             else:
                 new = current[module]
@@ -266,8 +303,16 @@ class FedPipe(PollinateStrategy):
                             modules=len(per_module))
         return arrays_to_record(state)
 
-    def client_record(self, content: RecordDict, bytes_up: int, bytes_down: int) -> dict[str, Any]:
-        record = super().client_record(content, bytes_up, bytes_down)
+    def _combine_module(self, current: LoraFactors | None,
+                        updates: list[tuple[float, LoraFactors, LoraFactors]]) -> tuple[LoraFactors, np.ndarray]:
+        if self.cfg.federation.aggregator in ("median", "trimmed-mean"):
+            changes = [update_space.factor_pair(start, trained) for _, start, trained in updates]
+            return update_space.combine_module(current, changes, [w for w, _, _ in updates], self.combine,
+                                               self.cfg.fedpipe.global_rank)
+        return apply_weighted_updates(current, updates, self.cfg.fedpipe.global_rank)
+
+    def client_record(self, client_id: int, content: RecordDict, bytes_up: int, bytes_down: int) -> dict[str, Any]:
+        record = super().client_record(client_id, content, bytes_up, bytes_down)
         plan = self.plans.get(record["client_id"])
         if plan is not None:
             record.update(plan=_plan_summary(plan), est_memory_bytes=int(plan.est_memory_bytes),

@@ -3,24 +3,31 @@
 ``SplitChannel.body`` is a ``torch.autograd.Function``: its forward sends the head activations up and
 returns the body output; its backward sends the gradient at the body output up and returns the gradient at
 the body input, so ``loss.backward()`` on the client trains prompts and tail as if the body were local.
-``LocalBody`` has the same interface and runs the same service logic in process (tests, simulations).
+The server-side ``LocalBody`` (``pollinate.methods.sfprompt.service``) has the same interface and runs the
+service's own handlers in process (tests, simulations).
 
-Calls are not retried: step ids make them non-idempotent (a replay is refused by the server).
+Every call names the Flower node it comes from (metadata ``pollinate-node-id``); the service refuses a token
+presented under another node id. Step ids make calls non-idempotent (a replay is refused), so the only calls
+retried are those refused with RESOURCE_EXHAUSTED, which the service answers before changing anything.
 """
 
 from __future__ import annotations
 
+import random
+import time
 import uuid
 from typing import Any
 
 import grpc
 import torch
-from torch import nn
 
-from pollinate.methods.sfprompt.splitmodel import WIRE_DTYPES, WireDType, decode_tensor, encode_tensor
+from pollinate.common.limits import MAX_MESSAGE_BYTES
+from pollinate.methods.sfprompt.split import WIRE_DTYPES, WireDType, decode_tensor, encode_tensor
 from pollinate.protos import split_pb2, split_pb2_grpc
 
-DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+DEFAULT_MAX_MESSAGE_BYTES = MAX_MESSAGE_BYTES
+NODE_ID_METADATA = "pollinate-node-id"  # the Flower node id the call's token was issued to
+_RETRY_FIRST_S, _RETRY_MAX_S = 0.02, 0.5
 
 
 class SplitCallError(RuntimeError):
@@ -37,7 +44,7 @@ class _RemoteBody(torch.autograd.Function):
     """Autograd bridge: forward/backward of the body happen on the other side of ``client``."""
 
     @staticmethod
-    def forward(ctx: Any, hidden: torch.Tensor, attention_mask: torch.Tensor, client: _SplitClient,
+    def forward(ctx: Any, hidden: torch.Tensor, attention_mask: torch.Tensor, client: SplitBodyClient,
                 keep_graph: bool) -> torch.Tensor:
         step, output = client._forward(hidden, attention_mask, keep_graph)
         ctx.client, ctx.step, ctx.dtype = client, step, hidden.dtype
@@ -49,7 +56,7 @@ class _RemoteBody(torch.autograd.Function):
         return grad_input.to(device=grad_output.device, dtype=ctx.dtype), None, None, None
 
 
-class _SplitClient:
+class SplitBodyClient:
     """Step numbering, tensor encoding, byte accounting; subclasses say how a request reaches the service."""
 
     def __init__(self, token: str, session_id: str | None, wire_dtype: WireDType) -> None:
@@ -114,7 +121,7 @@ class _SplitClient:
         self.close()
 
 
-class SplitChannel(_SplitClient):
+class SplitChannel(SplitBodyClient):
     """A session with a remote ``SplitBody`` service.
 
     Parameters
@@ -123,12 +130,14 @@ class SplitChannel(_SplitClient):
         ``host:port`` of the split service.
     token : str
         The per-round token from the coordinator (replace with ``channel.token = ...`` for a new round).
+    node_id : str
+        This client's Flower node id (``context.node_id``), the node the token was issued to.
     session_id : str, optional
         Defaults to a random UUID.
     wire_dtype : {"fp32", "fp16", "bf16"}, default "fp32"
         Dtype of activations and gradients on the wire (both directions); the server computes in its own.
     timeout_s : float, default 60
-        Deadline of each call.
+        Deadline of each call, retries of a RESOURCE_EXHAUSTED answer included.
     root_certificates : bytes, optional
         PEM roots to verify the server's TLS certificate; without them the channel is plaintext.
     max_message_bytes : int, default 64 MiB
@@ -140,6 +149,7 @@ class SplitChannel(_SplitClient):
         address: str,
         token: str,
         *,
+        node_id: str,
         session_id: str | None = None,
         wire_dtype: WireDType = "fp32",
         timeout_s: float = 60.0,
@@ -151,6 +161,8 @@ class SplitChannel(_SplitClient):
             raise ValueError(f"timeout_s={timeout_s}: expected a positive deadline in seconds")
         self.address = address
         self.timeout_s = timeout_s
+        self._metadata = ((NODE_ID_METADATA, str(node_id)),)
+        self._jitter = random.Random()  # private: the global generators are seeded for training
         options = [("grpc.max_send_message_length", max_message_bytes),
                    ("grpc.max_receive_message_length", max_message_bytes)]
         if root_certificates is not None:
@@ -161,10 +173,22 @@ class SplitChannel(_SplitClient):
         self._stub = split_pb2_grpc.SplitBodyStub(self._channel)
 
     def _invoke(self, method: str, request: Any) -> Any:
-        try:
-            return getattr(self._stub, method)(request, timeout=self.timeout_s)
-        except grpc.RpcError as exc:
-            raise SplitCallError(method, exc.code(), exc.details() or "") from exc
+        deadline = time.monotonic() + self.timeout_s
+        backoff = _RETRY_FIRST_S
+        while True:
+            try:
+                return getattr(self._stub, method)(request, timeout=max(deadline - time.monotonic(), 1e-3),
+                                                   metadata=self._metadata)
+            except grpc.RpcError as exc:
+                code, details = exc.code(), exc.details() or ""
+                # The service (or gRPC's concurrent-call cap) refused before doing anything: wait and resend.
+                # A message over the size limit is refused with the same code but would never pass.
+                busy = code == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" not in details
+                pause = backoff * self._jitter.uniform(0.5, 1.0)
+                if not busy or time.monotonic() + pause >= deadline:
+                    raise SplitCallError(method, code, details) from exc
+            time.sleep(pause)
+            backoff = min(2 * backoff, _RETRY_MAX_S)
 
     def close(self) -> None:
         """Close the session on the server (best effort) and the channel."""
@@ -176,38 +200,3 @@ class SplitChannel(_SplitClient):
             pass  # the server may be gone or the session expired; nothing is left to free
         finally:
             self._channel.close()
-
-
-class LocalBody(_SplitClient):
-    """In-process stand-in for ``SplitChannel``: same interface, same service logic, no network.
-
-    Requests go through ``SplitBodyService``'s handlers (same validation, step order, wire-dtype rounding
-    and byte accounting), so a method's split steps can run in unit tests and single-process simulations.
-
-    Parameters
-    ----------
-    body : nn.Module
-        The body module (``SplitParts.body``); frozen by the service.
-    wire_dtype : {"fp32", "fp16", "bf16"}, default "fp32"
-    session_id : str, optional
-    **service_kwargs
-        Passed to ``SplitBodyService`` (``session_ttl_s``, ``max_sessions``, ``max_graph_bytes``, ...).
-    """
-
-    def __init__(self, body: nn.Module, *, wire_dtype: WireDType = "fp32", session_id: str | None = None,
-                 **service_kwargs: Any) -> None:
-        # Imported here: the edge client's real path (SplitChannel) must not need server code.
-        from pollinate.methods.sfprompt.service import SplitBodyService, SplitRejected, TokenRegistry
-
-        tokens = TokenRegistry()
-        super().__init__(tokens.issue("local", 0, ttl_s=365 * 24 * 3600.0), session_id, wire_dtype)
-        self.service = SplitBodyService(body, tokens, **service_kwargs)
-        self._rejected = SplitRejected
-        self._handlers = {"Forward": self.service.handle_forward, "Backward": self.service.handle_backward,
-                          "CloseSession": self.service.handle_close}
-
-    def _invoke(self, method: str, request: Any) -> Any:
-        try:
-            return self._handlers[method](request)
-        except self._rejected as exc:
-            raise SplitCallError(method, exc.code, exc.details) from exc

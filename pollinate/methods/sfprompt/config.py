@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pollinate.common.config import config_field, one_of, require
+from pollinate.common.limits import MAX_MESSAGE_BYTES
 
 SPLIT_WIRE_DTYPES = ("fp32", "fp16", "bf16")
 EL2N_PATHS = ("split", "local")
@@ -35,8 +36,8 @@ class SFPromptConfig:
         default=1)
     local_epochs: float = config_field(
         "Local-loss passes over all local data per round (head output straight into the tail, no server). "
-        "Off by default: on SmolLM2 the tail, trained on first-block features it never sees behind the body, "
-        "lost more than the split steps regained (round-1 eval loss 1.284 with 1 epoch vs 0.842 without)",
+        "Off by default: it trains the tail on first-block features the tail never sees behind the body, and "
+        "cost more than the split steps regained (docs/methods/sfprompt.md)",
         default=0.0)
     local_steps: int = config_field("Cap on local-loss steps per round (0 = no cap)", default=0)
     split_epochs: float = config_field(
@@ -44,21 +45,37 @@ class SFPromptConfig:
     split_steps: int = config_field("Cap on split steps per round (0 = no cap)", default=0)
     wire_dtype: str = config_field(f"Activations and gradients on the split plane: {' | '.join(SPLIT_WIRE_DTYPES)}",
                             default="fp32")
-    host: str = config_field("Interface the server's split service binds", default="127.0.0.1")
+    host: str = config_field(
+        "Interface the server's split service binds; left at 127.0.0.1 under `pollinate coordinator`, the "
+        "coordinator's --host", default="127.0.0.1")
     port: int = config_field("Port of the split service (0 = an ephemeral port)", default=0)
-    public_address: str = config_field("host:port clients dial (default: host and the bound port)", default="")
+    public_address: str = config_field(
+        "host:port clients dial; empty = the bound port on host, or under `pollinate coordinator` on the host of "
+        "its --public-address (else its --host)", default="")
     token_ttl_s: float = config_field("Lifetime of a per-round split token (also revoked when its round ends)",
                                default=1800.0)
     session_ttl_s: float = config_field("An idle split session is dropped with its graph after this many seconds",
                                  default=300.0)
     max_sessions: int = config_field("Split sessions the service holds at once", default=64)
-    max_message_bytes: int = config_field("Largest split-plane message, both directions", default=64 * 1024 * 1024)
+    sessions_per_client: int = config_field("Split sessions one node may hold at once", default=2)
+    max_batch: int = config_field("Sequences in one split request (0 = train.batch_size)", default=0)
+    max_seq_len: int = config_field(
+        "Positions of one sequence in a split request, prompt included (0 = model.max_seq_len + "
+        "num_prompt_tokens); never above the model's maximum positions", default=0)
+    max_concurrent_rpcs: int = config_field(
+        "Split-service calls in progress at once; more are refused (RESOURCE_EXHAUSTED) and retried by clients",
+        default=16)
+    client_activation_budget_bytes: int = config_field(
+        "Activation memory one node's split steps may hold (0 = sessions_per_client steps of max_batch x "
+        "max_seq_len, as the service estimates them)", default=0)
+    max_message_bytes: int = config_field("Largest split-plane message, both directions", default=MAX_MESSAGE_BYTES)
     max_graph_bytes: int = config_field("Bound on the activations the service keeps for pending backward passes",
                                  default=4 * 1024**3)
     call_timeout_s: float = config_field("Deadline of each split-service call from a client", default=60.0)
     tls_certs: str = config_field(
         "Directory from `pollinate keys init` (server.crt, server.key, ca.crt): serve the split plane over TLS; "
-        "`pollinate coordinator --certs` sets it; empty = plaintext (simulation on loopback)", default="")
+        "empty = the coordinator's --certs directory when deployed with one, else plaintext (simulation on "
+        "loopback, --insecure)", default="")
 
     def __post_init__(self) -> None:
         require(self.head_layers >= 1, "sfprompt.head_layers", self.head_layers, "an int >= 1")
@@ -83,6 +100,14 @@ class SFPromptConfig:
         require(self.token_ttl_s > 0, "sfprompt.token_ttl_s", self.token_ttl_s, "a float > 0")
         require(self.session_ttl_s > 0, "sfprompt.session_ttl_s", self.session_ttl_s, "a float > 0")
         require(self.max_sessions >= 1, "sfprompt.max_sessions", self.max_sessions, "an int >= 1")
+        require(1 <= self.sessions_per_client <= self.max_sessions, "sfprompt.sessions_per_client",
+                self.sessions_per_client, "an int in [1, sfprompt.max_sessions]")
+        require(self.max_batch >= 0, "sfprompt.max_batch", self.max_batch, "an int >= 0 (0 = train.batch_size)")
+        require(self.max_seq_len >= 0, "sfprompt.max_seq_len", self.max_seq_len,
+                "an int >= 0 (0 = model.max_seq_len + num_prompt_tokens)")
+        require(self.max_concurrent_rpcs >= 1, "sfprompt.max_concurrent_rpcs", self.max_concurrent_rpcs, "an int >= 1")
+        require(self.client_activation_budget_bytes >= 0, "sfprompt.client_activation_budget_bytes",
+                self.client_activation_budget_bytes, "an int >= 0 (0 = derived)")
         require(self.max_message_bytes > 0, "sfprompt.max_message_bytes", self.max_message_bytes, "an int > 0")
         require(self.max_graph_bytes > 0, "sfprompt.max_graph_bytes", self.max_graph_bytes, "an int > 0")
         require(self.call_timeout_s > 0, "sfprompt.call_timeout_s", self.call_timeout_s, "a float > 0")

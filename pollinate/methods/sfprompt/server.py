@@ -2,9 +2,9 @@
 
 Per round every sampled client receives, through Flower, the global prompts + tail, the split service's
 address and a token issued for it and this round (revoked when the round's replies are in). Clients return
-their trained prompts + tail; the new global is the example-weighted mean (FedAvg). The global model is the
-base with the global prompts + tail: it is evaluated head -> body -> tail in process, and saved as
-``sfprompt/sfprompt.safetensors`` with the split settings beside it.
+their trained prompts + tail; the new global is the example-weighted mean (``federation.aggregator``). The
+global model is the base with the global prompts + tail: it is evaluated head -> body -> tail in process, and
+saved as ``sfprompt/sfprompt.safetensors`` with the split settings beside it.
 
 Bytes per client are Flower's messages plus the split plane (``split_bytes_up/down``, counted as serialized
 protobuf by the client's channel); both are in ``bytes_up/down`` and shown apart in the report.
@@ -13,14 +13,13 @@ protobuf by the client's channel); both are in ``bytes_up/down`` and shown apart
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import grpc
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 from flwr.serverapp import Grid
 from safetensors.numpy import save_file
 from torch import nn
@@ -30,10 +29,12 @@ from pollinate.common.config import RunConfig
 from pollinate.common.models import load_model
 from pollinate.common.report import RunRecorder
 from pollinate.common.wire import arrays_to_record, record_to_arrays
-from pollinate.methods.sfprompt.service import TokenRegistry, start_split_server
-from pollinate.methods.sfprompt.splitmodel import SplitParts, TailOutput, split_model
+from pollinate.methods.sfprompt.config import SFPromptConfig
+from pollinate.methods.sfprompt.service import SplitLimits, TokenRegistry, start_split_server
+from pollinate.methods.sfprompt.split import SplitParts, TailOutput, split_model
 from pollinate.server.deployment import Deployment
 from pollinate.server.evaluation import ServerEvaluator
+from pollinate.server.replies import integer_in, reported_numbers
 from pollinate.server.strategy import StateFedAvg
 
 SPLIT_FIELDS = ("split_bytes_up", "split_bytes_down", "kept_examples", "client_time_share",
@@ -131,13 +132,14 @@ class SFPrompt(StateFedAvg):
             certs = Path(certs_dir)
             cert, key = (certs / "server.crt").read_bytes(), (certs / "server.key").read_bytes()
             self.ca_pem = (certs / "ca.crt").read_text()
+        host, public_host = split_service_hosts(sf, self.deployment)
         self.server, port = start_split_server(
-            self.parts.body, tokens=self.tokens, host=sf.host, port=sf.port,
+            self.parts.body, tokens=self.tokens, host=host, port=sf.port, limits=split_limits(self.cfg),
             max_message_bytes=sf.max_message_bytes, session_ttl_s=sf.session_ttl_s,
-            max_sessions=sf.max_sessions, max_graph_bytes=sf.max_graph_bytes,
-            hidden_size=self.parts.architecture.hidden_size, tls_cert_chain=cert, tls_private_key=key,
+            max_concurrent_rpcs=sf.max_concurrent_rpcs, hidden_size=self.parts.architecture.hidden_size,
+            tls_cert_chain=cert, tls_private_key=key,
         )
-        self.address = sf.public_address or f"{sf.host}:{port}"
+        self.address = sf.public_address or f"{public_host}:{port}"
         self.recorder.event("split_service", address=self.address, wire_dtype=sf.wire_dtype)
 
     def close(self) -> None:
@@ -149,26 +151,24 @@ class SFPrompt(StateFedAvg):
                       config: ConfigRecord) -> RecordDict | None:
         if self.server is None:
             raise RuntimeError("the split service is not running: call prepare(grid) before round 1")
-        token = self.tokens.issue(f"node-{node_id}", server_round, ttl_s=self.cfg.sfprompt.token_ttl_s)
+        # Bound to the node: the service refuses it from a call naming another node id.
+        token = self.tokens.issue(str(node_id), server_round, ttl_s=self.cfg.sfprompt.token_ttl_s)
         split = ConfigRecord({"address": self.address, "token": token,
                               "wire-dtype": self.cfg.sfprompt.wire_dtype, "ca-pem": self.ca_pem})
         return RecordDict({"arrays": arrays, "config": config, "split": split})
 
-    def aggregate_train(self, server_round: int,
-                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        replies = list(replies)
-        self.tokens.revoke_round(server_round + self.round_offset)  # replies are in: this round's tokens are done
-        return super().aggregate_train(server_round, replies)
+    def replies_in(self, server_round: int) -> None:
+        self.tokens.revoke_round(server_round)  # replies are in: this round's tokens are done
 
     # --- replies ------------------------------------------------------------------------------------------
-    def client_record(self, content: RecordDict, bytes_up: int, bytes_down: int) -> dict[str, Any]:
+    def client_record(self, client_id: int, content: RecordDict, bytes_up: int, bytes_down: int) -> dict[str, Any]:
         """Adds split-plane bytes to Flower's (keeping both apart) and the pruning/compute-share fields."""
-        record = super().client_record(content, bytes_up, bytes_down)
+        record = super().client_record(client_id, content, bytes_up, bytes_down)
         metrics = content["metrics"]
-        extra = {key: metrics[key] for key in SPLIT_FIELDS if key in metrics}
-        split_up, split_down = int(metrics["split_bytes_up"]), int(metrics["split_bytes_down"])
-        return {**record, **extra, "split_bytes_up": split_up, "split_bytes_down": split_down,
-                "kept_examples": int(metrics["kept_examples"]),
+        split_up, split_down, kept = (integer_in(metrics.get(key), 0, 2**62, key)
+                                      for key in ("split_bytes_up", "split_bytes_down", "kept_examples"))
+        return {**record, **reported_numbers(metrics, SPLIT_FIELDS), "split_bytes_up": split_up,
+                "split_bytes_down": split_down, "kept_examples": kept,
                 "flower_bytes_up": bytes_up, "flower_bytes_down": bytes_down,
                 "bytes_up": bytes_up + split_up, "bytes_down": bytes_down + split_down}
 
@@ -200,6 +200,24 @@ class SFPrompt(StateFedAvg):
                     "tail_layers": sf.tail_layers, "num_prompt_tokens": sf.num_prompt_tokens}
         (out / "split_config.json").write_text(json.dumps(settings, indent=2))
         return {"adapter_dir": str(out)}
+
+
+def split_service_hosts(sf: SFPromptConfig, deployment: Deployment | None) -> tuple[str, str]:
+    """``(interface to bind, host clients dial)``: ``sfprompt.host`` unless left at its default under a
+    deployment, which then supplies its ``--host`` and public host (clients on other machines must reach it)."""
+    if deployment is None or sf.host != SFPromptConfig.host:
+        return sf.host, sf.host
+    return deployment.host, deployment.public_host
+
+
+def split_limits(cfg: RunConfig) -> SplitLimits:
+    """The split service's limits from ``[sfprompt]``; zeros derive from the run (batch size, sequence length)."""
+    sf = cfg.sfprompt
+    return SplitLimits(max_batch=sf.max_batch or cfg.train.batch_size,
+                       max_seq_len=sf.max_seq_len or cfg.model.max_seq_len + sf.num_prompt_tokens,
+                       max_sessions=sf.max_sessions, sessions_per_client=sf.sessions_per_client,
+                       max_graph_bytes=sf.max_graph_bytes,
+                       client_activation_budget_bytes=sf.client_activation_budget_bytes)
 
 
 def make_strategy(cfg: RunConfig, recorder: RunRecorder, run_dir: Path,

@@ -17,6 +17,7 @@ from pollinate.common.config_io import build_config
 from pollinate.common.report import RunRecorder
 from pollinate.common.wire import arrays_to_record, record_to_arrays
 from pollinate.methods.fedavg_full.server import FedAvgFull
+from pollinate.server.strategy import Reply
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -65,10 +66,10 @@ def strategy(tmp_path):
 def test_aggregate_is_the_example_weighted_mean_of_full_states(strategy):
     base = record_to_arrays(strategy.initial_arrays())
     replies = []
-    for shift, examples in ((1.0, 1), (4.0, 3)):
+    for client, (shift, examples) in enumerate(((1.0, 1), (4.0, 3))):
         state = {k: v + shift for k, v in base.items()}
-        metrics = MetricRecord({"num-examples": examples})
-        replies.append(RecordDict({"arrays": arrays_to_record(state), "metrics": metrics}))
+        content = RecordDict({"arrays": arrays_to_record(state), "metrics": MetricRecord({"num-examples": examples})})
+        replies.append(Reply(client, client, examples, content, strategy.decode_reply(1, client, content), 0.0))
     merged = record_to_arrays(strategy.aggregate(1, replies))
     for key, value in base.items():
         np.testing.assert_allclose(merged[key], value + 3.25, rtol=1e-6, atol=1e-6)

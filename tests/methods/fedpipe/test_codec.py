@@ -11,6 +11,7 @@ from pollinate.methods.fedpipe.codec import (
     decode_bundle,
     encode_bundle,
 )
+from pollinate.methods.fedpipe.codec.encodings import ENCODINGS_BY_ENUM
 from pollinate.protos import update_pb2 as pb
 
 NAME = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
@@ -27,6 +28,11 @@ def _round_trip(x: np.ndarray, encoding: str, **kw) -> np.ndarray:
 
 def _rel(x: np.ndarray, y: np.ndarray) -> float:
     return float(np.linalg.norm(x - y) / np.linalg.norm(y))
+
+
+def _wire_encodings(payload: bytes) -> dict[str, str]:
+    """Each tensor's encoding as the sender wrote it."""
+    return {t.name: ENCODINGS_BY_ENUM[t.encoding].name for t in pb.UpdateBundle.FromString(payload).tensors}
 
 
 def _tamper(payload: bytes, edit) -> bytes:
@@ -48,20 +54,20 @@ def test_dense_fp32_round_trip_is_exact_and_keeps_metadata():
     np.testing.assert_array_equal(out.tensors[NAME], x)
     np.testing.assert_array_equal(out.tensors["bias"], x[0])
     assert out.tensors[NAME].dtype == np.float32
-    assert (out.base_version, out.version, out.sender, out.round) == (3, 4, "n7", 2)
-    assert out.num_bytes == len(payload) and out.encodings == {NAME: "dense-fp32", "bias": "dense-fp32"}
-    assert out.tensor_bytes[NAME] > x.nbytes
-    bare = decode_bundle(encode_bundle({NAME: x}, "dense-fp32"))
-    assert bare.sender is None and bare.round is None
+    assert (out.base_version, out.version) == (3, 4)
+    wire = pb.UpdateBundle.FromString(payload)
+    assert (wire.sender, wire.round) == ("n7", 2)
+    assert _wire_encodings(payload) == {NAME: "dense-fp32", "bias": "dense-fp32"}
+    bare = pb.UpdateBundle.FromString(encode_bundle({NAME: x}, "dense-fp32"))
+    assert not bare.HasField("sender") and not bare.HasField("round")
 
 
 def test_dense_fp16_round_trip_within_fp16_precision():
     x = _x()
     out = _round_trip(x, "dense-fp16")
     assert np.max(np.abs(out - x) / np.abs(x)) <= 1e-3
-    assert decode_bundle(encode_bundle({NAME: x.astype(np.float16)}, "dense-fp16")).original_dtypes == {
-        NAME: "float16"
-    }
+    wire = pb.UpdateBundle.FromString(encode_bundle({NAME: x.astype(np.float16)}, "dense-fp16"))
+    assert wire.tensors[0].original_dtype == "float16"
 
 
 def test_int8_error_is_below_one_percent_of_each_block_absmax():
@@ -117,15 +123,16 @@ def test_lowrank_equals_truncated_svd():
 def test_lowrank_falls_back_to_dense_for_vectors_and_tiny_matrices():
     for shape in ((64,), (4, 4)):
         x = _x(shape)
-        out = decode_bundle(encode_bundle({NAME: x}, "lowrank", lowrank_rank=4))
-        assert out.encodings[NAME] == "dense-fp32"
-        np.testing.assert_array_equal(out.tensors[NAME], x)
+        payload = encode_bundle({NAME: x}, "lowrank", lowrank_rank=4)
+        assert _wire_encodings(payload) == {NAME: "dense-fp32"}
+        np.testing.assert_array_equal(decode_bundle(payload).tensors[NAME], x)
 
 
 def test_per_tensor_encodings_and_missing_mapping():
     x = _x()
-    out = decode_bundle(encode_bundle({"a": x, "b": x}, {"a": "nf4", "b": "topk"}))
-    assert out.encodings == {"a": "nf4", "b": "topk"}
+    payload = encode_bundle({"a": x, "b": x}, {"a": "nf4", "b": "topk"})
+    assert _wire_encodings(payload) == {"a": "nf4", "b": "topk"}
+    assert decode_bundle(payload).tensors.keys() == {"a", "b"}
     with pytest.raises(ValueError, match=r"no encoding given for tensors \['b'\]"):
         encode_bundle({"a": x, "b": x}, {"a": "nf4"})
     with pytest.raises(ValueError, match="unknown encoding 'zip'"):
@@ -145,6 +152,17 @@ def test_payload_sizes_shrink_as_expected():
     assert size["lowrank"] / fp32 == pytest.approx(4 * (64 + 1024) / x.size, abs=0.005)
     fp16_scales = len(encode_bundle({NAME: x}, "nf4", value_dtype="fp16"))
     assert fp16_scales / fp32 == pytest.approx(4.25 / 32, abs=0.005)
+
+
+def test_wire_bytes_per_param_prices_every_encoding_as_sent_at_the_defaults():
+    from pollinate.methods.fedpipe.codec import WIRE_BYTES_PER_PARAM
+    from pollinate.methods.fedpipe.config import ENCODING_CHOICES
+
+    assert tuple(WIRE_BYTES_PER_PARAM) == tuple(ENCODINGS) == ENCODING_CHOICES
+    x = _x((64, 1024))
+    for encoding in set(ENCODINGS) - {"lowrank"}:  # a low-rank payload's size depends on the shape, not numel
+        per_param = len(encode_bundle({NAME: x}, encoding)) / x.size
+        assert per_param == pytest.approx(WIRE_BYTES_PER_PARAM[encoding], rel=0.02), encoding
 
 
 def test_encoder_refuses_non_finite_and_fp16_overflow():

@@ -6,12 +6,8 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from pollinate.methods.fedpipe.quantize import (
-    is_quantized,
-    load_quantized,
-    prepare_quantized_model,
-    quantization_config,
-)
+from pollinate.common.models import load_model
+from pollinate.methods.fedpipe.quantize import is_quantized, prepare_quantized_model, quantization_config
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 NUM_LINEARS = 2 * len(TARGETS)
@@ -38,13 +34,18 @@ def tiny_dir(tmp_path_factory):
     return str(path)
 
 
+def load_quantized(path, bits):
+    """The base at ``bits`` as a FedPipe client builds it (``load_model``, then ``prepare_quantized_model``)."""
+    return prepare_quantized_model(load_model(path, "generation", quantization_config=quantization_config(bits)))
+
+
 def _lora(model, seed=1):
     torch.manual_seed(seed)
     return get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=TARGETS))
 
 
 def _batch(model):
-    # load_quantized puts quantized models on CUDA when there is one.
+    # load_model puts models on CUDA when there is one.
     ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(2)).to(model.device)
     return {"input_ids": ids, "labels": ids}
 
@@ -71,10 +72,9 @@ def test_load_quantized_quantizes_every_block_linear_and_keeps_lm_head(tiny_dir,
     assert not any(p.requires_grad for p in model.parameters())  # kbit preparation froze the base
 
 
-def test_load_quantized_full_precision_is_plain(tiny_dir):
+def test_full_precision_base_is_plain(tiny_dir):
     model = load_quantized(tiny_dir, 32)
     assert not is_quantized(model) and model.dtype == torch.float32
-    assert load_quantized(tiny_dir, 16).dtype == torch.bfloat16
 
 
 @pytest.mark.parametrize("bits", [32, 8, 4])

@@ -18,22 +18,22 @@ from transformers import BertConfig, BertForSequenceClassification, LlamaConfig,
 from pollinate.common.config import ConfigError, RunConfig
 from pollinate.common.config_io import build_config
 from pollinate.common.data import ExampleStream, collate
+from pollinate.common.lmloss import IGNORE_INDEX
 from pollinate.common.report import RunRecorder
-from pollinate.methods.sfprompt.channel import LocalBody, SplitCallError, SplitChannel
-from pollinate.methods.sfprompt.client import (
+from pollinate.methods.sfprompt.channel import SplitCallError, SplitChannel
+from pollinate.methods.sfprompt.client import load_trainable_state, trainable_state
+from pollinate.methods.sfprompt.pruning import (
     el2n,
     el2n_per_example,
     el2n_scores,
     keep_top,
     keep_top_per_class,
-    load_trainable_state,
-    phase_steps,
     select_kept,
-    train_prompts_and_tail,
-    trainable_state,
 )
 from pollinate.methods.sfprompt.server import PromptedSplitModel, SFPrompt
-from pollinate.methods.sfprompt.splitmodel import IGNORE_INDEX, split_model, unsplit_forward
+from pollinate.methods.sfprompt.service import LocalBody
+from pollinate.methods.sfprompt.split import split_model, unsplit_forward
+from pollinate.methods.sfprompt.training import phase_steps, train_prompts_and_tail
 
 VOCAB, PROMPT = 128, 3
 
@@ -332,7 +332,7 @@ def test_round_token_opens_the_split_service_until_the_round_ends(strategy):
     content = strategy.train_content(7, 1, strategy.initial_arrays(), ConfigRecord({"server-round": 1}))
     split = content["split"]
     assert split["address"] == strategy.address and split["wire-dtype"] == "fp32"
-    with SplitChannel(split["address"], split["token"]) as channel:
+    with SplitChannel(split["address"], split["token"], node_id="7") as channel:
         assert _forward(channel).shape == (1, 4, 64)
         strategy.aggregate_train(1, [])  # the round's replies are in: its tokens are revoked
         with pytest.raises(SplitCallError) as refused:
@@ -341,7 +341,8 @@ def test_round_token_opens_the_split_service_until_the_round_ends(strategy):
 
 
 def test_split_service_refuses_a_token_it_never_issued(strategy):
-    with SplitChannel(strategy.address, "not-a-token") as channel, pytest.raises(SplitCallError) as refused:
+    with SplitChannel(strategy.address, "not-a-token", node_id="7") as channel, \
+            pytest.raises(SplitCallError) as refused:
         _forward(channel)
     assert refused.value.code == grpc.StatusCode.UNAUTHENTICATED
 
@@ -358,9 +359,10 @@ def test_with_coordinator_certs_the_split_plane_is_tls_and_clients_get_the_ca(tm
     try:
         split = tls.train_content(3, 1, tls.initial_arrays(), ConfigRecord({"server-round": 1}))["split"]
         assert "BEGIN CERTIFICATE" in split["ca-pem"]
-        with SplitChannel(split["address"], split["token"], root_certificates=split["ca-pem"].encode()) as channel:
+        with SplitChannel(split["address"], split["token"], node_id="3",
+                          root_certificates=split["ca-pem"].encode()) as channel:
             assert _forward(channel).shape == (1, 4, 64)
-        with SplitChannel(split["address"], split["token"], timeout_s=5) as plaintext, \
+        with SplitChannel(split["address"], split["token"], node_id="3", timeout_s=5) as plaintext, \
                 pytest.raises(SplitCallError) as refused:
             _forward(plaintext)
         assert refused.value.code == grpc.StatusCode.UNAVAILABLE

@@ -1,6 +1,7 @@
 """Split-learning data plane: exact split steps over loopback gRPC, and every refusal the service gives."""
 
 import datetime
+import functools
 import ipaddress
 import statistics
 import threading
@@ -11,9 +12,17 @@ import pytest
 import torch
 from test_splitmodel import PROMPT, assert_split_matches_unsplit, padded_batch, tiny_bert, tiny_llama
 
-from pollinate.methods.sfprompt.channel import LocalBody, SplitCallError, SplitChannel
-from pollinate.methods.sfprompt.service import SplitBodyService, SplitRejected, TokenRegistry, start_split_server
-from pollinate.methods.sfprompt.splitmodel import encode_tensor, split_model
+from pollinate.methods.sfprompt.channel import NODE_ID_METADATA, SplitCallError, SplitChannel
+from pollinate.methods.sfprompt.service import (
+    GraphCost,
+    LocalBody,
+    SplitBodyService,
+    SplitLimits,
+    SplitRejected,
+    TokenRegistry,
+    start_split_server,
+)
+from pollinate.methods.sfprompt.split import encode_tensor, split_model
 from pollinate.protos import split_pb2, split_pb2_grpc
 
 HIDDEN = 64
@@ -45,11 +54,26 @@ def bert_parts():
 @pytest.fixture(scope="module")
 def bert_server(request, bert_parts):
     """One server for the error cases; each test uses its own sessions."""
-    server, address, tokens = serve(request, bert_parts[1].body, max_message_bytes=256 * 1024)
+    # The error cases name one node and keep their sessions: lift the per-node quota (tested on its own).
+    server, address, tokens = serve(request, bert_parts[1].body, max_message_bytes=256 * 1024,
+                                    limits=SplitLimits(sessions_per_client=64))
     # The stub may send more than the server accepts, to reach the server's own limit.
-    stub = split_pb2_grpc.SplitBodyStub(grpc.insecure_channel(
-        address, options=[("grpc.max_send_message_length", 8 * 1024 * 1024)]))
+    stub = NodeStub(split_pb2_grpc.SplitBodyStub(grpc.insecure_channel(
+        address, options=[("grpc.max_send_message_length", 8 * 1024 * 1024)])))
     return server.split_service, address, tokens, stub
+
+
+class NodeStub:
+    """The raw gRPC stub; each call names a node in its metadata as ``SplitChannel`` does ("c" unless given)."""
+
+    def __init__(self, stub) -> None:
+        self._stub = stub
+
+    def __getattr__(self, method):
+        def call(request, node="c", **kwargs):
+            return getattr(self._stub, method)(request, metadata=((NODE_ID_METADATA, node),), **kwargs)
+
+        return call
 
 
 def forward_request(token, session="s", step=1, batch=2, seq=5, keep_graph=True, **overrides):
@@ -75,7 +99,7 @@ def expect_code(code, call, *args, match=""):
 
 
 def assert_service_still_serves(address, tokens):
-    with SplitChannel(address, tokens.issue("healthy", 1, 60), timeout_s=10) as channel:
+    with SplitChannel(address, tokens.issue("healthy", 1, 60), node_id="healthy", timeout_s=10) as channel:
         hidden = torch.randn(2, 4, HIDDEN, requires_grad=True)
         # Weighted sum: a plain sum through the body's final LayerNorm has an exactly zero gradient.
         out = channel.body(hidden, torch.ones(2, 4, dtype=torch.long))
@@ -89,7 +113,7 @@ def test_split_step_over_grpc_equals_unsplit_model(request, kind):
     model = tiny_llama() if kind == "llama" else tiny_bert()
     parts = split_model(model, 1, 1, num_prompt_tokens=PROMPT)
     _, address, tokens = serve(request, parts.body)
-    with SplitChannel(address, tokens.issue("c1", 1, 60), timeout_s=10) as channel:
+    with SplitChannel(address, tokens.issue("c1", 1, 60), node_id="c1", timeout_s=10) as channel:
         assert_split_matches_unsplit(model, parts, padded_batch(kind), body=channel.body)
         assert channel.steps == 1
         # One Forward + one Backward + one hidden-sized tensor each way, plus small envelopes.
@@ -133,10 +157,10 @@ def test_tls_channel_verifies_server_certificate(request, bert_parts):
     cert, key = self_signed_cert()
     _, address, tokens = serve(request, bert_parts[1].body, tls_cert_chain=cert, tls_private_key=key)
     hidden = torch.randn(1, 3, HIDDEN, requires_grad=True)
-    with SplitChannel(address, tokens.issue("c", 1, 60), root_certificates=cert, timeout_s=10) as channel:
+    with SplitChannel(address, tokens.issue("c", 1, 60), node_id="c", root_certificates=cert, timeout_s=10) as channel:
         channel.body(hidden, torch.ones(1, 3, dtype=torch.long)).sum().backward()
     assert hidden.grad is not None
-    with SplitChannel(address, tokens.issue("c", 1, 60), timeout_s=5) as plaintext:  # no TLS: refused
+    with SplitChannel(address, tokens.issue("c", 1, 60), node_id="c", timeout_s=5) as plaintext:  # no TLS: refused
         with pytest.raises(SplitCallError) as info:
             plaintext.body(hidden, torch.ones(1, 3, dtype=torch.long))
     assert info.value.code == Code.UNAVAILABLE
@@ -149,11 +173,11 @@ def test_wrong_or_expired_token_is_unauthenticated(bert_server):
     clock = FakeClock()
     short_lived = TokenRegistry(clock=clock)
     token = short_lived.issue("c", 3, ttl_s=5)
-    assert short_lived.check(token).client_id == "c"
+    assert short_lived.check(token, "c").node == "c"
     clock.now += 6
-    local = SplitBodyService(torch.nn.Identity(), short_lived, hidden_size=HIDDEN)
+    local = SplitBodyService(torch.nn.Identity(), short_lived, hidden_size=HIDDEN, graph_cost=GraphCost(0))
     with pytest.raises(SplitRejected, match="round 3 has expired") as info:
-        local.handle_forward(forward_request(token))
+        local.handle_forward(forward_request(token), "c")
     assert info.value.code == Code.UNAUTHENTICATED
     assert_service_still_serves(address, tokens)
 
@@ -192,10 +216,12 @@ def test_tensor_bytes_not_matching_shape_is_invalid_argument(bert_server):
 def test_backward_on_unknown_or_foreign_session_is_not_found(bert_server):
     service, address, tokens, stub = bert_server
     owner, intruder = tokens.issue("owner", 1, 60), tokens.issue("intruder", 1, 60)
-    expect_code(Code.NOT_FOUND, stub.Backward, backward_request(owner, "never-opened"))
-    stub.Forward(forward_request(owner, "owned"), timeout=10)
-    expect_code(Code.NOT_FOUND, stub.Backward, backward_request(intruder, "owned"))
-    stub.Backward(backward_request(owner, "owned"), timeout=10)  # the owner's step is untouched
+    as_owner, as_intruder = functools.partial(stub.Backward, node="owner"), functools.partial(stub.Backward,
+                                                                                             node="intruder")
+    expect_code(Code.NOT_FOUND, as_owner, backward_request(owner, "never-opened"))
+    stub.Forward(forward_request(owner, "owned"), node="owner", timeout=10)
+    expect_code(Code.NOT_FOUND, as_intruder, backward_request(intruder, "owned"))
+    as_owner(backward_request(owner, "owned"), timeout=10)  # the owner's step is untouched
     assert_service_still_serves(address, tokens)
 
 
@@ -235,10 +261,11 @@ def test_oversized_message_is_resource_exhausted(bert_server):
 
 
 def test_too_many_sessions_is_resource_exhausted_until_one_closes(request, bert_parts):
-    service_server, address, tokens = serve(request, bert_parts[1].body, max_sessions=2)
+    service_server, address, tokens = serve(request, bert_parts[1].body, limits=SplitLimits(max_sessions=2))
     service = service_server.split_service
     token = tokens.issue("c", 1, 60)
-    channels = [SplitChannel(address, token, timeout_s=10) for _ in range(3)]
+    # The third one retries RESOURCE_EXHAUSTED until its deadline: keep that short.
+    channels = [SplitChannel(address, token, node_id="c", timeout_s=t) for t in (10, 10, 0.5)]
     hidden, mask = torch.randn(1, 3, HIDDEN, requires_grad=True), torch.ones(1, 3, dtype=torch.long)
     channels[0].body(hidden, mask)
     channels[1].body(hidden, mask)
@@ -253,13 +280,13 @@ def test_too_many_sessions_is_resource_exhausted_until_one_closes(request, bert_
     channels[2].close()
 
 
-def test_graphs_over_memory_bound_are_refused_and_not_kept(bert_parts):
-    service = SplitBodyService(bert_parts[1].body, TokenRegistry(), max_graph_bytes=10_000)
+def test_a_step_that_can_never_fit_max_graph_bytes_is_invalid_and_not_kept(bert_parts):
+    service = SplitBodyService(bert_parts[1].body, TokenRegistry(), limits=SplitLimits(max_graph_bytes=10_000))
     token = service.tokens.issue("c", 1, 60)
     with pytest.raises(SplitRejected, match="max_graph_bytes=10000") as info:
-        service.handle_forward(forward_request(token, "mem", batch=4, seq=16))
-    assert info.value.code == Code.RESOURCE_EXHAUSTED
-    assert service.graph_bytes == 0 and not service.holds_graph("mem")
+        service.handle_forward(forward_request(token, "mem", batch=4, seq=16), "c")
+    assert info.value.code == Code.INVALID_ARGUMENT
+    assert service.graph_bytes == 0 and not service.holds_graph("mem") and service.num_sessions == 0
 
 
 def test_closed_session_frees_its_graph_and_cannot_be_reopened(bert_server):
@@ -282,19 +309,19 @@ def test_expired_session_is_freed(bert_parts):
     tokens = TokenRegistry(clock=clock)
     service = SplitBodyService(bert_parts[1].body, tokens, session_ttl_s=30, clock=clock)
     token = tokens.issue("c", 1, ttl_s=3600)
-    service.handle_forward(forward_request(token, "idle"))
+    service.handle_forward(forward_request(token, "idle"), "c")
     assert service.graph_bytes > 0
     clock.now += 31
     assert service.sweep_expired() == 1
     assert service.num_sessions == 0 and service.graph_bytes == 0
     with pytest.raises(SplitRejected) as info:
-        service.handle_backward(backward_request(token, "idle"))
+        service.handle_backward(backward_request(token, "idle"), "c")
     assert info.value.code == Code.NOT_FOUND
 
 
 def test_server_sweeper_expires_idle_sessions_in_background(request, bert_parts):
     server, address, tokens = serve(request, bert_parts[1].body, session_ttl_s=0.2)
-    with SplitChannel(address, tokens.issue("c", 1, 60), timeout_s=10) as channel:
+    with SplitChannel(address, tokens.issue("c", 1, 60), node_id="c", timeout_s=10) as channel:
         channel.body(torch.randn(1, 3, HIDDEN, requires_grad=True), torch.ones(1, 3, dtype=torch.long))
         assert server.split_service.num_sessions == 1
         deadline = time.monotonic() + 5
@@ -307,7 +334,7 @@ def test_cancelled_forward_keeps_no_state(bert_parts):
     service = SplitBodyService(bert_parts[1].body, TokenRegistry())
     token = service.tokens.issue("c", 1, 60)
     with pytest.raises(SplitRejected) as info:
-        service.handle_forward(forward_request(token, "gone"), is_active=lambda: False)
+        service.handle_forward(forward_request(token, "gone"), "c", is_active=lambda: False)
     assert info.value.code == Code.CANCELLED
     assert service.graph_bytes == 0 and not service.holds_graph("gone")
 
@@ -321,8 +348,8 @@ def test_client_deadline_is_enforced_and_the_abandoned_graph_is_not_kept(request
             finished.set()
             return hidden * 2
 
-    server, address, tokens = serve(request, SlowBody(), hidden_size=HIDDEN)
-    channel = SplitChannel(address, tokens.issue("c", 1, 60), timeout_s=0.2)
+    server, address, tokens = serve(request, SlowBody(), hidden_size=HIDDEN, graph_cost=GraphCost(0))
+    channel = SplitChannel(address, tokens.issue("c", 1, 60), node_id="c", timeout_s=0.2)
     with pytest.raises(SplitCallError) as info:
         channel.body(torch.randn(1, 2, HIDDEN, requires_grad=True), torch.ones(1, 2, dtype=torch.long))
     assert info.value.code == Code.DEADLINE_EXCEEDED
@@ -359,7 +386,7 @@ def test_minilm_split_step_over_grpc_matches_and_is_timed(request):
         step(body)
         return time.perf_counter() - start
 
-    with SplitChannel(address, tokens.issue("bench", 1, 600), timeout_s=60) as channel:
+    with SplitChannel(address, tokens.issue("bench", 1, 600), node_id="bench", timeout_s=60) as channel:
         assert_split_matches_unsplit(model, parts, batch, body=channel.body, atol=1e-4)
         # Interleaved and medianed: this machine is shared, so load drifts between back-to-back blocks.
         samples = [(seconds(parts.body), seconds(channel.body)) for _ in range(7)][1:]

@@ -4,8 +4,8 @@ import pytest
 import torch
 from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
 
-from pollinate.methods.sfprompt.splitmodel import (
-    IGNORE_INDEX,
+from pollinate.common.lmloss import IGNORE_INDEX
+from pollinate.methods.sfprompt.split import (
     SoftPrompt,
     TensorDecodeError,
     decode_tensor,

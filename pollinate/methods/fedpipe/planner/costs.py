@@ -1,0 +1,164 @@
+"""The planner's cost model: memory, compute and communication of a plan, for many clients at once.
+
+Every cost is affine in the adapter's parameter count P, so :class:`CostModel` holds, per (client profile,
+bits, batch size), a fixed part and a per-parameter part; the search turns them into one capacity per choice
+and the plans report the same formulas. The constants live in :class:`PlanOptions`; they were calibrated on
+SmolLM2-135M (B x T = 4 x 32, LoRA r8 on all seven projections), and ``test_planner.py`` pins the measured
+peaks and step time they reproduce.
+
+- Memory = frozen base + adapter state + activations.
+  Base: bits 32 / 16 store every parameter in 4 / 2 bytes. Bits 8 / 4 quantize only the spec's linear
+  modules (bitsandbytes LLM.int8: 1 byte/weight + a 4-byte scale per output row; NF4 with double
+  quantization: 0.5 + 1/64 + 4/16384 bytes/weight); embeddings, tied/untied output head, norms and
+  biases stay fp32, as ``transformers`` loads them.
+  Adapter: ``adapter_state_bytes_per_param`` per LoRA parameter (fp32 weight, gradient and two Adam moments).
+  Activations: ``tokens x (act_bytes_per_token_hidden_layer x hidden x layers + act_bytes_per_token_logit x
+  logit_width)`` times a per-bits factor (bitsandbytes keeps extra per-token buffers). The per-logit bytes are
+  three fp32 copies (logits, log-softmax, its gradient); the per-hidden bytes are what remains of the measured
+  fp32 peak after base and adapter state. Activations are counted as if every module were adapted
+  (conservative: a frozen, unadapted linear does not need its input saved).
+- Compute per step, frozen base: forward 2N + input-gradient backward 2N FLOPs per token (no weight
+  gradients for the base, so 4N, not the 6N of full training), 6 FLOPs per token per LoRA parameter,
+  and attention 12 x layers x seq_len x hidden per token. Seconds = FLOPs / (compute_tflops x
+  utilization) x a per-bits factor (NF4 computes in bf16).
+- Communication: the adapter at the client's ranks goes down and comes back each round,
+  ``update_bytes_per_param`` bytes per parameter each way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from pollinate.common.profiles import GIB, ResourceProfile, comm_seconds
+from pollinate.methods.fedpipe.planner.options import SUPPORTED_BITS, PlanOptions
+from pollinate.methods.fedpipe.planner.spec import ModelSpec
+
+__all__ = ["CostModel", "activation_bytes", "adapter_param_count", "base_weight_bytes"]
+
+_NF4_BYTES_PER_WEIGHT = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4 bits + int8 absmax per 64 + fp32 per 256 absmax
+
+
+def base_weight_bytes(spec: ModelSpec, bits: int) -> float:
+    """Bytes of the frozen base at ``bits`` (see the module docstring for what stays fp32)."""
+    if bits == 32:
+        return 4.0 * spec.num_params
+    if bits == 16:
+        return 2.0 * spec.num_params
+    rest = 4.0 * (spec.num_params - spec.linear_params)
+    if bits == 8:
+        return rest + sum(m.in_features * m.out_features + 4.0 * m.out_features for m in spec.modules)
+    if bits == 4:
+        return rest + _NF4_BYTES_PER_WEIGHT * spec.linear_params
+    raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits!r}")
+
+
+def activation_bytes(spec: ModelSpec, bits: int, batch_size: int, options: PlanOptions) -> float:
+    """Peak activation bytes of one training step."""
+    tokens = batch_size * options.seq_len
+    per_token = (options.act_bytes_per_token_hidden_layer * spec.hidden * spec.num_layers
+                 + options.act_bytes_per_token_logit * spec.logit_width)
+    return tokens * per_token * options.activation_factor[bits]
+
+
+def adapter_param_count(spec: ModelSpec, ranks: Mapping[str, int]) -> int:
+    """LoRA parameters of a rank assignment (modules absent or at rank 0 are not adapted)."""
+    by_name = {m.name: m for m in spec.modules}
+    unknown = [n for n in ranks if n not in by_name]
+    if unknown:
+        raise ValueError(f"ranks name module(s) {unknown[:3]} not in the model spec "
+                         f"(expected names like {spec.modules[0].name!r})")
+    return sum(by_name[n].lora_params(r) for n, r in ranks.items())
+
+
+def _step_flops(spec: ModelSpec, batch_size: int, options: PlanOptions) -> tuple[float, float]:
+    """(FLOPs per step independent of the adapter, FLOPs per step per adapter parameter)."""
+    tokens = batch_size * options.seq_len
+    fixed = tokens * (4.0 * spec.num_params + 12.0 * spec.num_layers * options.seq_len * spec.hidden)
+    return fixed, 6.0 * tokens
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Costs of every (profile, bits, batch) choice as affine functions of the adapter's parameters P.
+
+    Choice ``j`` is ``combos[j]`` (bits high to low, then batch large to small); profile ``u`` is
+    ``profiles[u]``. Memory of choice ``j`` is ``fixed_memory[j] + adapter_state_bytes_per_param x P``; the
+    round of profile ``u`` (all local steps, adapter down and up) takes ``fixed_seconds[u, j] +
+    seconds_per_param[u, j] x P``.
+
+    Parameters
+    ----------
+    options : PlanOptions
+        Constants and the round's shape.
+    profiles : tuple of ResourceProfile
+        The clients' budgets (identical profiles may be passed once).
+    combos : tuple of (int, int)
+        The (bits, batch size) choices.
+    fixed_memory : np.ndarray
+        (choices,) bytes of base and activations.
+    round_flops : np.ndarray
+        (choices, 2) FLOPs of ``local_steps`` steps: independent of P, and per adapter parameter.
+    speed : np.ndarray
+        (profiles, choices) FLOP/s a step achieves.
+    fixed_seconds, seconds_per_param : np.ndarray
+        (profiles, choices) round seconds independent of P, and per adapter parameter.
+    """
+
+    options: PlanOptions
+    profiles: tuple[ResourceProfile, ...]
+    combos: tuple[tuple[int, int], ...]
+    fixed_memory: np.ndarray
+    round_flops: np.ndarray
+    speed: np.ndarray
+    fixed_seconds: np.ndarray
+    seconds_per_param: np.ndarray
+
+    @classmethod
+    def build(cls, spec: ModelSpec, options: PlanOptions, profiles: Sequence[ResourceProfile]) -> CostModel:
+        """The cost model of ``spec`` for each profile and every (bits, batch) in ``options``."""
+        tflops, up, down = (np.array([getattr(p, name) for p in profiles], dtype=float)
+                            for name in ("compute_tflops", "uplink_mbps", "downlink_mbps"))
+        combos = tuple((b, s) for b in options.bits for s in sorted(options.batch_sizes, reverse=True))
+        fixed_memory = np.array(
+            [base_weight_bytes(spec, b) + activation_bytes(spec, b, s, options) for b, s in combos]
+        )
+        flops = np.array([_step_flops(spec, s, options) for _, s in combos]) * options.local_steps
+        time_factor = np.array([options.time_factor[b] for b, _ in combos])
+        speed = tflops[:, None] * 1e12 * options.utilization / time_factor
+        comm_per_param = options.update_bytes_per_param * 8e-6 * (1.0 / up + 1.0 / down)
+        return cls(options, tuple(profiles), combos, fixed_memory, flops, speed,
+                   fixed_seconds=flops[None, :, 0] / speed,
+                   seconds_per_param=flops[None, :, 1] / speed + comm_per_param[:, None])
+
+    def combo(self, bits: int, batch_size: int) -> int:
+        """Index of the (bits, batch size) choice."""
+        try:
+            return self.combos.index((bits, batch_size))
+        except ValueError:
+            raise ValueError(f"(bits, batch_size) = ({bits}, {batch_size}) is not among {list(self.combos)}") \
+                from None
+
+    def max_params(self) -> np.ndarray:
+        """(profiles, choices) most adapter parameters that fit memory, deadline and ``max_adapter_params``."""
+        options = self.options
+        memory = np.array([p.memory_gib for p in self.profiles], dtype=float)
+        cap_memory = (memory[:, None] * GIB - self.fixed_memory[None, :]) / options.adapter_state_bytes_per_param
+        cap_time = (options.deadline_s - self.fixed_seconds) / self.seconds_per_param
+        return np.minimum(np.minimum(cap_memory, cap_time), options.max_adapter_params)
+
+    def memory_bytes(self, j: int, n_params: int) -> float:
+        """Peak training memory of choice ``j`` with ``n_params`` adapter parameters."""
+        return float(self.fixed_memory[j] + self.options.adapter_state_bytes_per_param * n_params)
+
+    def step_seconds(self, u: int, j: int, n_params: int) -> float:
+        """Seconds of one local step of choice ``j`` on profile ``u``."""
+        flops = self.round_flops[j, 0] + self.round_flops[j, 1] * n_params
+        return float(flops / self.speed[u, j]) / self.options.local_steps
+
+    def comm_seconds(self, u: int, n_params: int) -> float:
+        """Seconds to download and upload ``n_params`` adapter parameters on profile ``u``."""
+        nbytes = self.options.update_bytes_per_param * n_params
+        return comm_seconds(nbytes, nbytes, self.profiles[u])
