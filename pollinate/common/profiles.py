@@ -9,8 +9,8 @@ Units (fixed across Pollinate):
   ``utilization`` factor, so declared and measured profiles mean the same thing.
 - ``uplink_mbps`` / ``downlink_mbps``: link bandwidth in Mbit/s (10**6 bit/s).
 
-The built-in scenarios are calibrated against the CPU these numbers were measured on (2 cores, AVX2,
-0.12 TFLOP/s fp32 matmul; see ``ENVIRONMENT.md``), with SmolLM2-135M as the reference model.
+The built-in scenarios are calibrated on a 2-core CPU with SmolLM2-135M as the reference model; the figures
+they rest on are in docs/environment.md ("Calibration figures").
 """
 
 from __future__ import annotations
@@ -154,12 +154,10 @@ def comm_seconds(bytes_up: float, bytes_down: float, profile: ResourceProfile) -
     return 8.0 * bytes_up / (profile.uplink_mbps * 1e6) + 8.0 * bytes_down / (profile.downlink_mbps * 1e6)
 
 
-# Three edge tiers, calibrated on this CPU (0.12 TFLOP/s measured) and SmolLM2-135M at seq_len 128:
-# - medium is this CPU with 2 GiB: fp32 base fits at batch 4;
-# - weak (a quarter of its compute, 0.75 GiB, 2 Mbit/s up) cannot hold the fp32 base (513 MiB) plus
-#   LoRA r8 on all modules and one 128-token batch (~840 MiB), but an int8/NF4 base (~590/~520 MiB)
-#   fits, and its uplink makes the deadline cut the ranks;
-# - strong is a ~4x faster box with 4 GiB and a fast link.
+# Three edge tiers around the reference CPU (docs/environment.md, "Calibration figures"): medium is that CPU
+# with 2 GiB (an fp32 base fits); weak has a quarter of its compute and too little memory for an fp32 base with
+# LoRA, so only an int8/NF4 base fits, and its uplink makes the deadline cut the ranks; strong is a faster box
+# with 4 GiB and a fast link.
 TIER_PROFILES: dict[str, ResourceProfile] = {
     "strong": ResourceProfile(memory_gib=4.0, compute_tflops=0.5, uplink_mbps=50.0, downlink_mbps=200.0,
                               name="strong"),

@@ -96,8 +96,9 @@ def make_certs(directory: Path, hosts: Sequence[str], *, days: int, overwrite: b
     """``pollinate keys init``: the private CA and the coordinator's server certificate, and where they go."""
     paths = init_certs(directory, hosts, valid_days=days, overwrite=overwrite)
     print(f"wrote {paths.ca_cert}, {paths.server_cert}, {paths.server_key} and {paths.ca_key}.\n"
-          f"Coordinator: pollinate coordinator --certs {directory} ...; give clients {paths.ca_cert} "
-          f"(never ca.key or server.key).{_encryption_note()}", file=out or sys.stdout)
+          f"Coordinator: pollinate coordinator --certs {directory} ...; give clients {paths.ca_cert} and "
+          f"{Path(directory) / 'app-signing.pub'} (never ca.key, server.key or app-signing.key)."
+          f"{_encryption_note()}", file=out or sys.stdout)
     return paths
 
 

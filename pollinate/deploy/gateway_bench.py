@@ -84,15 +84,17 @@ def deployment_rounds(work: Path, certs: Path, payload_mb: float, rounds: int, t
     if not through_gateway:
         join.app_signing_key = None  # only the gateway attaches the coordinator's signature
     node = Node(join, echo=None)
+    joined = threading.Thread(target=lambda: _keep_error(outcome, node.run), daemon=True)
     try:
         if not coordinator.ready.wait(120):
             raise RuntimeError(f"coordinator did not start (logs in {spec.run_dir / 'logs'})")
-        joined = threading.Thread(target=lambda: _keep_error(outcome, node.run), daemon=True)
         joined.start()
         runner.join()
     finally:
         node.stop()
         coordinator.stop()
+        if joined.is_alive():
+            joined.join(30)  # the node's thread stops its SuperNode: wait, or the process outlives us
     if "result" not in outcome:
         raise RuntimeError(f"run did not complete: {outcome.get('error')} (logs in {work})")
     return json.loads((work / "result.json").read_text())["round_s"][1:]

@@ -76,15 +76,16 @@ def probe_memory(model: str, bits: list[int], rank: int, batch_size: int, seq_le
 
 
 def write_bench(out: Path, rows: list[dict[str, Any]], reports: dict[str, dict], memory: dict | None,
-                per_method: dict[str, list[str]] | None = None) -> None:
+                per_method: dict[str, list[str]] | None = None, compute_baseline: str | None = None) -> None:
     baseline = rows[0]
-    full = next((r for r in rows if r["method"] == "fedavg-full"), None)
+    full = next((r for r in rows if r["method"] == compute_baseline), None)
     lines = ["# Pollinate bench", "",
              f"Same model, data, partition, seeds and scenario for every method; baseline: `{baseline['method']}`.",
              *[f"Only for `{m}`: " + ", ".join(f"`{o}`" for o in overrides) + "."
                for m, overrides in (per_method or {}).items()],
              "", "| method | bytes up | bytes down | total | × baseline | bytes to baseline loss | final eval loss |"
-             " metric | round s | client round s | client compute s | × fedavg-full | peak RSS | under-training |",
+             f" metric | round s | client round s | client compute s | × {compute_baseline or '-'} | peak RSS |"
+             " under-training |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in rows:
         ratio = row["bytes_total"] / baseline["bytes_total"]
@@ -137,7 +138,7 @@ def _plot(out: Path, reports: dict[str, dict]) -> None:
 
 
 def bench(methods: list[str], run_args: list[str], out: Path, memory_probe: dict | None = None,
-          per_method: dict[str, list[str]] | None = None) -> list[dict]:
+          per_method: dict[str, list[str]] | None = None, compute_baseline: str | None = None) -> list[dict]:
     """Run every method (``per_method``: extra ``--set`` overrides for one method) and write the comparison."""
     out.mkdir(parents=True, exist_ok=True)
     per_method = per_method or {}
@@ -146,5 +147,5 @@ def bench(methods: list[str], run_args: list[str], out: Path, memory_probe: dict
     baseline_loss = reports[methods[0]]["rounds"][-1]["eval_loss"]
     rows = [summarize(reports[m], baseline_loss) for m in methods]
     memory = probe_memory(**memory_probe) if memory_probe else None
-    write_bench(out, rows, reports, memory, per_method)
+    write_bench(out, rows, reports, memory, per_method, compute_baseline)
     return rows

@@ -121,7 +121,7 @@ def flooding(address: str, token: str, shape: tuple[int, int, int], threads: int
             tally.update(answers)
 
 
-def bench(cfg: RunConfig, steps: int, flood_threads: int, compute_slots: int) -> dict[str, Any]:
+def bench(cfg: RunConfig, steps: int, flood_threads: int) -> dict[str, Any]:
     """Start the service with the run's body and limits, time the legitimate node alone and under flood."""
     sf = cfg.sfprompt
     path, task = runtime.model_task(cfg)
@@ -129,7 +129,7 @@ def bench(cfg: RunConfig, steps: int, flood_threads: int, compute_slots: int) ->
     limits = split_limits(cfg)
     tokens = TokenRegistry()
     server, port = start_split_server(parts.body, tokens=tokens, limits=limits, session_ttl_s=_SESSION_TTL_S,
-                                      max_concurrent_rpcs=sf.max_concurrent_rpcs, compute_slots=compute_slots,
+                                      max_concurrent_rpcs=sf.max_concurrent_rpcs, compute_slots=sf.compute_slots,
                                       hidden_size=parts.architecture.hidden_size)
     service, address, process = server.split_service, f"127.0.0.1:{port}", psutil.Process()
     shape = (limits.max_batch, limits.max_seq_len, parts.architecture.hidden_size)
@@ -143,12 +143,13 @@ def bench(cfg: RunConfig, steps: int, flood_threads: int, compute_slots: int) ->
         deadline = time.monotonic() + 3 * _SESSION_TTL_S
         while service.num_sessions and time.monotonic() < deadline:
             time.sleep(0.2)
+        time.sleep(_SESSION_TTL_S / 2 + 1)  # one more sweep: the one that finds no session returns free memory
         rss["after_expiry"] = process.memory_info().rss
     finally:
         server.stop(None)
     return {
         "model": cfg.model.name, "batch": shape[0], "seq": shape[1], "steps": steps, "flood_threads": flood_threads,
-        "compute_slots": compute_slots,
+        "compute_slots": sf.compute_slots,
         "alone": percentiles(alone), "flooded": percentiles(flooded),
         "p50_ratio": round(statistics.median(flooded) / statistics.median(alone), 2),
         "flood_answers": answers, "rss_mib": {k: round(v / 2**20) for k, v in rss.items()},
@@ -162,11 +163,9 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per phase")
     parser.add_argument("--flood-threads", type=int, default=8, help="threads of the flooding node")
-    parser.add_argument("--compute-slots", type=int, default=4, help="body computations the service runs at once")
     args = parser.parse_args()
     torch.manual_seed(0)
-    print(json.dumps(bench(build_config(args.config, args.set), args.steps, args.flood_threads,
-                           args.compute_slots)))
+    print(json.dumps(bench(build_config(args.config, args.set), args.steps, args.flood_threads)))
 
 
 if __name__ == "__main__":

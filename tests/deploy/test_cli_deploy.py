@@ -98,7 +98,7 @@ def test_keys_commands_say_where_each_file_goes_and_when_keys_are_encrypted(tmp_
     monkeypatch.setenv(PASSPHRASE_ENV, "correct horse")
     assert cli.main(["keys", "init", str(tmp_path / "certs"), "--host", "coord"]) == 0
     out = capsys.readouterr().out
-    assert "never ca.key or server.key" in out and f"encrypted with {PASSPHRASE_ENV}" in out
+    assert "never ca.key, server.key or app-signing.key" in out and f"encrypted with {PASSPHRASE_ENV}" in out
 
 
 def test_key_refusals_exit_2_with_one_line(tmp_path, capsys):

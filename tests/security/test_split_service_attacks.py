@@ -38,19 +38,25 @@ Code = grpc.StatusCode
 
 
 class CountingBody(torch.nn.Module):
-    """The tiny Llama body, counting the calls that reach it and keeping weak references to its outputs."""
+    """The tiny Llama body, counting the calls that reach it and keeping weak references to every tensor its
+    submodules return (the inside of each graph, not only its output)."""
 
     def __init__(self, body: torch.nn.Module) -> None:
         super().__init__()
         self.inner, self.config = body, body.config
         self.calls = 0
         self.outputs: list[weakref.ref] = []
+        for module in body.modules():
+            module.register_forward_hook(self._remember)
+
+    def _remember(self, module, args, output) -> None:
+        for tensor in output if isinstance(output, tuple) else (output,):
+            if isinstance(tensor, torch.Tensor) and tensor.grad_fn is not None:
+                self.outputs.append(weakref.ref(tensor))
 
     def forward(self, hidden, mask):
         self.calls += 1
-        out = self.inner(hidden, mask)
-        self.outputs.append(weakref.ref(out))
-        return out
+        return self.inner(hidden, mask)
 
 
 def tiny_body() -> CountingBody:
@@ -194,15 +200,17 @@ def test_memory_is_released_once_sessions_expire(serve):
     for node in ("1", "2", "3"):
         token = tokens.issue(node, 1, 60)
         for session in range(4):
-            stub.Forward(forward(token, f"{node}-{session}", batch=4, seq=POSITIONS),
-                         metadata=((NODE_ID_METADATA, node),), timeout=10)
+            for step in (1, 2):  # the second Forward abandons the first step's graph
+                stub.Forward(forward(token, f"{node}-{session}", step=step, batch=4, seq=POSITIONS),
+                             metadata=((NODE_ID_METADATA, node),), timeout=10)
     assert service.num_sessions == 12 and service.graph_bytes > 0
     deadline = time.monotonic() + 10
     while service.num_sessions and time.monotonic() < deadline:
         time.sleep(0.05)  # the server's sweeper drops idle sessions
-    gc.collect()
     assert service.num_sessions == 0 and service.graph_bytes == 0
-    assert body.outputs and all(ref() is None for ref in body.outputs)  # no graph is kept alive anywhere
+    gc.collect()
+    # Graphs dropped without their Backward are freed whole, not only their outputs.
+    assert len(body.outputs) > 24 and all(ref() is None for ref in body.outputs)
 
 
 # --------------------------------------------------------------------------------------------- lock-out
@@ -227,7 +235,7 @@ def test_a_node_gets_one_call_at_a_time_and_the_rpc_cap_refuses_instead_of_queue
             gate.wait(10)
             return hidden * 2
 
-    _, _, address, tokens = serve(body=GatedBody(), max_concurrent_rpcs=2, hidden_size=HIDDEN,
+    _, _, address, tokens = serve(body=GatedBody(), max_concurrent_rpcs=2, compute_slots=2, hidden_size=HIDDEN,
                                   graph_cost=GraphCost(0.0))
     stub = raw_stub(address)
     one, two = tokens.issue("1", 1, 60), tokens.issue("2", 1, 60)
@@ -244,7 +252,29 @@ def test_a_node_gets_one_call_at_a_time_and_the_rpc_cap_refuses_instead_of_queue
     one_step(address, tokens.issue("3", 1, 60), "3")
 
 
-@pytest.mark.slow
+def test_a_client_refused_for_capacity_retries_until_the_slot_frees(serve):
+    gate, entered = threading.Event(), threading.Event()
+
+    class GatedOnce(torch.nn.Module):
+        def forward(self, hidden, mask):
+            if not entered.is_set():
+                entered.set()
+                gate.wait(10)
+            return hidden * 2
+
+    _, _, address, tokens = serve(body=GatedOnce(), max_concurrent_rpcs=1, hidden_size=HIDDEN,
+                                  graph_cost=GraphCost(0.0))
+    with futures.ThreadPoolExecutor(1) as pool:
+        held = pool.submit(raw_stub(address).Forward, forward(tokens.issue("2", 1, 60)),
+                           metadata=((NODE_ID_METADATA, "2"),), timeout=10)
+        assert entered.wait(10)
+        threading.Timer(0.3, gate.set).start()  # the only slot frees while node 1 is being refused
+        with SplitChannel(address, tokens.issue("1", 1, 60), node_id="1", timeout_s=10) as channel:
+            out = channel.body(torch.ones(1, 2, HIDDEN), torch.ones(1, 2, dtype=torch.long))
+        assert torch.equal(out, 2 * torch.ones(1, 2, HIDDEN))
+        held.result(timeout=10)
+
+
 def test_a_flooding_node_does_not_stop_a_legitimate_one(serve):
     """Eight threads of one token send Forwards as fast as they can for the legitimate node's whole run."""
     _, service, address, tokens = serve(max_concurrent_rpcs=8)

@@ -26,7 +26,7 @@ def test_table_relates_client_compute_to_federated_full_finetuning(tmp_path):
                "sfprompt": report("sfprompt", [1.1, 0.7], 300, 1.5, key="client_compute_seconds")}
     rows = [summarize(r, 0.8) for r in reports.values()]
     assert rows[1]["client_compute_seconds"] == 3.0 and rows[1]["bytes_to_baseline_loss"] == 1200
-    write_bench(tmp_path, rows, reports, None, {"fedavg-full": ["train.lr=1e-4"]})
+    write_bench(tmp_path, rows, reports, None, {"fedavg-full": ["train.lr=1e-4"]}, compute_baseline="fedavg-full")
     table = (tmp_path / "bench.md").read_text()
     assert "Only for `fedavg-full`: `train.lr=1e-4`." in table
     sf_row = next(line for line in table.splitlines() if line.startswith("| sfprompt"))

@@ -65,6 +65,9 @@ class SFPromptConfig:
     max_concurrent_rpcs: int = config_field(
         "Split-service calls in progress at once; more are refused (RESOURCE_EXHAUSTED) and retried by clients",
         default=16)
+    compute_slots: int = config_field(
+        "Body forwards and backwards the split service runs at once; further ones wait in arrival order, one per "
+        "node at most (1 = each node's step waits for at most one step of every other node)", default=1)
     client_activation_budget_bytes: int = config_field(
         "Activation memory one node's split steps may hold (0 = sessions_per_client steps of max_batch x "
         "max_seq_len, as the service estimates them)", default=0)
@@ -106,6 +109,7 @@ class SFPromptConfig:
         require(self.max_seq_len >= 0, "sfprompt.max_seq_len", self.max_seq_len,
                 "an int >= 0 (0 = model.max_seq_len + num_prompt_tokens)")
         require(self.max_concurrent_rpcs >= 1, "sfprompt.max_concurrent_rpcs", self.max_concurrent_rpcs, "an int >= 1")
+        require(self.compute_slots >= 1, "sfprompt.compute_slots", self.compute_slots, "an int >= 1")
         require(self.client_activation_budget_bytes >= 0, "sfprompt.client_activation_budget_bytes",
                 self.client_activation_budget_bytes, "an int >= 0 (0 = derived)")
         require(self.max_message_bytes > 0, "sfprompt.max_message_bytes", self.max_message_bytes, "an int > 0")

@@ -136,7 +136,8 @@ class SFPrompt(StateFedAvg):
         self.server, port = start_split_server(
             self.parts.body, tokens=self.tokens, host=host, port=sf.port, limits=split_limits(self.cfg),
             max_message_bytes=sf.max_message_bytes, session_ttl_s=sf.session_ttl_s,
-            max_concurrent_rpcs=sf.max_concurrent_rpcs, hidden_size=self.parts.architecture.hidden_size,
+            max_concurrent_rpcs=sf.max_concurrent_rpcs, compute_slots=sf.compute_slots,
+            hidden_size=self.parts.architecture.hidden_size,
             tls_cert_chain=cert, tls_private_key=key,
         )
         self.address = sf.public_address or f"{public_host}:{port}"

@@ -226,7 +226,7 @@ def _plans(spec: ModelSpec, costs: CostModel, knap: _Knapsack, chosen: np.ndarra
     rows = np.arange(len(spec.modules))
     n_params = knap.params[rows[None, :], picks].sum(axis=1).tolist()
     objective = (knap.values[rows[None, :], picks].sum(axis=1) + bonus[chosen]).tolist()
-    ranks_table = rank_values[picks].tolist()  # python ints: building dicts from numpy scalars is 10x slower
+    ranks_table = rank_values[picks].tolist()  # python ints: building dicts from numpy scalars is slower
     names = spec.module_names()
     plans = []
     for u, j in enumerate(chosen.tolist()):

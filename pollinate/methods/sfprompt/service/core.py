@@ -67,7 +67,7 @@ class SplitBodyService(split_pb2_grpc.SplitBodyServicer):
         at the body's ``config.max_position_embeddings``; a zero ``client_activation_budget_bytes`` is derived.
     session_ttl_s : float, default 300
         A session idle this long is dropped with its graph.
-    compute_slots : int, default 4
+    compute_slots : int, default 1
         Body forwards and backwards running at once; further calls wait for a slot.
     dedicated_compute_threads : bool, default False
         Run them on ``compute_slots`` threads of their own (a served body), not on the calling thread.
@@ -80,7 +80,7 @@ class SplitBodyService(split_pb2_grpc.SplitBodyServicer):
     """
 
     def __init__(self, body: nn.Module, tokens: TokenRegistry, *, limits: SplitLimits | None = None,
-                 session_ttl_s: float = 300.0, compute_slots: int = 4, dedicated_compute_threads: bool = False,
+                 session_ttl_s: float = 300.0, compute_slots: int = 1, dedicated_compute_threads: bool = False,
                  hidden_size: int | None = None, graph_cost: GraphCost | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         if session_ttl_s <= 0:
@@ -282,7 +282,9 @@ class SplitBodyService(split_pb2_grpc.SplitBodyServicer):
             storage = t.untyped_storage()
             if storage.data_ptr() not in self._param_storages:
                 saved[storage.data_ptr()] = storage.nbytes()
-            return t
+            # Detached: a node that saves its own output would otherwise hold itself through the packed tensor's
+            # grad_fn, a cycle Python's collector cannot see, and a graph dropped without Backward would leak.
+            return t.detach()
 
         def forward() -> torch.Tensor:
             # Grad mode and saved-tensor hooks are per thread: set them where the body runs.

@@ -29,7 +29,7 @@ def start_split_server(
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     session_ttl_s: float = 300.0,
     max_concurrent_rpcs: int = 16,
-    compute_slots: int = 4,
+    compute_slots: int = 1,
     tls_cert_chain: bytes | None = None,
     tls_private_key: bytes | None = None,
     hidden_size: int | None = None,
