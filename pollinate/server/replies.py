@@ -8,6 +8,7 @@ never read (report fields are numbers); the client's identity comes from the nod
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,6 +16,7 @@ import numpy as np
 from flwr.app import MetricRecord, RecordDict
 
 from pollinate.common.checks import UpdateRejected
+from pollinate.common.wire import record_to_arrays
 
 # Per-client report fields a reply may carry as numbers (anything else in its metrics stays out of the report).
 REPORTED_METRICS = ("train_seconds", "peak_rss_bytes", "train_loss")
@@ -75,6 +77,14 @@ def reply_metrics(content: RecordDict) -> MetricRecord:
     if "metrics" not in content.metric_records:
         raise UpdateRejected("reply has no 'metrics' MetricRecord")
     return content["metrics"]
+
+
+def reply_arrays(content: RecordDict, expected: Mapping[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
+    """A reply's ``arrays`` ArrayRecord as numpy, its names and declared shapes checked against ``expected`` before
+    any array is loaded; unreadable arrays are ``UpdateRejected`` (reason ``garbled``)."""
+    if "arrays" not in content.array_records:
+        raise UpdateRejected("reply has no 'arrays' ArrayRecord", reason="garbled")
+    return record_to_arrays(content.array_records["arrays"], expected)
 
 
 def reported_numbers(metrics: MetricRecord, keys: tuple[str, ...] = REPORTED_METRICS) -> dict[str, Any]:

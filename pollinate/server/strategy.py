@@ -52,6 +52,7 @@ from pollinate.server.replies import (
     integer_in,
     mean_train_loss,
     relative_norm_outliers,
+    reply_arrays,
     reply_metrics,
     reported_numbers,
 )
@@ -379,7 +380,7 @@ class StateFedAvg(PollinateStrategy):
     shapes: dict[str, tuple[int, ...]]
 
     def decode_reply(self, server_round: int, client_id: int, content: RecordDict) -> dict[str, np.ndarray]:
-        state = record_to_arrays(content["arrays"])
+        state = reply_arrays(content, self.shapes)  # names and declared shapes checked before loading
         check_arrays(state, self.shapes)
         return state
 

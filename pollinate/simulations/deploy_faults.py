@@ -18,12 +18,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +57,10 @@ class FaultSetup:
         Round during which the victims are killed (>= 2, so round ``at_round - 1`` is checkpointed before).
     round_timeout_s : float, default 60
         ``federation.round_timeout_s``: how long a round waits for a client that does not answer.
+    fraction_train : float, default 1.0
+        ``federation.fraction_train``; a deployment samples max(fraction × clients, ``min_clients``) per round.
+    min_clients : int or None
+        ``federation.min_clients``; default ``clients - kill``.
     insecure : bool, default False
         No TLS and no node keys (``--insecure`` on both sides).
     model : str, default "tiny-llama"
@@ -73,6 +76,8 @@ class FaultSetup:
     kill: int = 2
     at_round: int = 2
     round_timeout_s: float = 60.0
+    fraction_train: float = 1.0
+    min_clients: int | None = None
     insecure: bool = False
     model: str = "tiny-llama"
     local_steps: int = 2
@@ -84,11 +89,16 @@ class FaultSetup:
         if not 2 <= self.at_round <= self.rounds:
             raise ValueError(f"at_round={self.at_round} must be in [2, rounds={self.rounds}]")
 
+    @property
+    def least_replies(self) -> int:
+        """``federation.min_clients`` of the run."""
+        return self.clients - self.kill if self.min_clients is None else self.min_clients
+
     def run_options(self) -> list[str]:
         """The coordinator's run flags: small data and steps so a round takes seconds."""
         sets = {"data.eval_examples": 8, "train.local_steps": self.local_steps, "output.plots": "false",
-                "federation.round_timeout_s": self.round_timeout_s,
-                "federation.min_clients": self.clients - self.kill}
+                "federation.round_timeout_s": self.round_timeout_s, "federation.fraction_train": self.fraction_train,
+                "federation.min_clients": self.least_replies}
         return ["--model", self.model, "--clients", str(self.clients), "--rounds", str(self.rounds),
                 *[arg for key, value in sets.items() for arg in ("--set", f"{key}={value}")]]
 
@@ -98,20 +108,21 @@ class FaultSetup:
 
 
 # --- processes ------------------------------------------------------------------------------------------------
-def process_tree(pid: int) -> list[psutil.Process]:
-    """``pid`` and all its descendants (empty when it has exited)."""
+def process_tree(root: int | psutil.Process) -> list[psutil.Process]:
+    """``root`` and all its descendants; empty when it has exited (a psutil.Process knows its start time, so a
+    reused pid is not mistaken for it)."""
     try:
-        root = psutil.Process(pid)
-        return [root, *root.children(recursive=True)]
+        proc = root if isinstance(root, psutil.Process) else psutil.Process(root)
+        return [proc, *proc.children(recursive=True)] if proc.is_running() else []
     except psutil.NoSuchProcess:
         return []
 
 
-def kill_tree(pid: int) -> list[int]:
-    """SIGKILL ``pid`` and every descendant, frozen first (SIGSTOP, top down) so none can start a child unseen;
+def kill_tree(root: int | psutil.Process) -> list[int]:
+    """SIGKILL ``root`` and every descendant, frozen first (SIGSTOP, top down) so none can start a child unseen;
     returns the killed pids once they are gone."""
     frozen: dict[int, psutil.Process] = {}
-    while new := [p for p in process_tree(pid) if p.pid not in frozen]:
+    while new := [p for p in process_tree(root) if p.pid not in frozen]:
         for proc in new:
             frozen[proc.pid] = proc
             try:
@@ -130,16 +141,17 @@ def kill_tree(pid: int) -> list[int]:
     return sorted(frozen)
 
 
-def stop_tree(pid: int, grace_s: float = 20.0) -> None:
-    """SIGTERM ``pid`` (``pollinate`` stops its own children on it), then SIGKILL whatever of its tree is left."""
+def stop_tree(proc: subprocess.Popen, grace_s: float = 20.0) -> None:
+    """SIGTERM a running child (``pollinate`` stops its own children on it), then SIGKILL whatever is left of the
+    tree it had."""
+    tree = process_tree(proc.pid)  # not reaped yet, so the pid is still this child's
+    proc.terminate()
     try:
-        psutil.Process(pid).terminate()
-        psutil.Process(pid).wait(grace_s)
-    except psutil.NoSuchProcess:
+        proc.wait(grace_s)
+    except subprocess.TimeoutExpired:
         pass
-    except psutil.TimeoutExpired:
-        pass
-    kill_tree(pid)
+    for member in tree:
+        kill_tree(member)
 
 
 def clientapps_since(pid: int, since: float) -> list[psutil.Process]:
@@ -237,14 +249,15 @@ class LoopbackDeployment:
         raise FaultExperimentError(f"timed out or coordinator exited waiting for {what}; coordinator log tail:\n"
                                    f"{self.log_tail()}")
 
-    def wait_round_in_flight(self, server_round: int, clients: list[int]) -> float:
-        """Block until each of ``clients`` runs a ClientApp for ``server_round``; returns when round
-        ``server_round - 1`` was recorded."""
+    def wait_round_in_flight(self, server_round: int, clients: list[int], at_least: int | None = None) -> float:
+        """Block until ``at_least`` (default: all) of ``clients`` run a ClientApp for ``server_round``; returns when
+        round ``server_round - 1`` was recorded."""
         previous = self.wait_until(f"round {server_round - 1} recorded",
                                    lambda: round_time(self.run_dir, server_round - 1), self.setup.run_budget_s())
-        for i in clients:
-            self.wait_until(f"client {i}'s round-{server_round} ClientApp",
-                            lambda i=i: clientapps_since(self.clients[i].pid, previous), 180)
+        need = len(clients) if at_least is None else at_least
+        self.wait_until(f"{need} of clients {clients} running a round-{server_round} ClientApp",
+                        lambda: sum(bool(clientapps_since(self.clients[i].pid, previous)) for i in clients) >= need,
+                        180)
         return previous
 
     def wait_coordinator(self) -> int:
@@ -261,14 +274,8 @@ class LoopbackDeployment:
 
     def close(self) -> None:
         for proc in reversed(self.started):
-            if proc.poll() is None:
-                stop_tree(proc.pid)
-            else:
-                kill_tree(proc.pid)  # an exited root may have left descendants behind; normally none
-            try:
-                proc.wait(5)
-            except subprocess.TimeoutExpired:
-                pass
+            if proc.poll() is None:  # an exited (reaped) child's pid may belong to someone else by now
+                stop_tree(proc)
 
     def __enter__(self) -> LoopbackDeployment:
         return self
@@ -370,7 +377,9 @@ def kill_clients_mid_round(setup: FaultSetup, work: Path) -> dict[str, Any]:
 def crash_and_resume(setup: FaultSetup, work: Path) -> dict[str, Any]:
     """Experiment ``coordinator``: the run uninterrupted, then the same run with the coordinator's whole tree
     SIGKILLed while every client trains round ``setup.at_round`` and restarted with ``--resume``; compares the
-    final adapters and every round's checkpoint."""
+    final adapters and every round's checkpoint. No client is killed (``setup.kill`` is not used): every client
+    must reply in every round of both runs."""
+    setup = replace(setup, kill=0)
     pki = None if setup.insecure else make_pki(work / "pki", setup.clients)
     started = time.time()
     with LoopbackDeployment(setup, work / "uninterrupted", pki) as dep:
@@ -381,7 +390,8 @@ def crash_and_resume(setup: FaultSetup, work: Path) -> dict[str, Any]:
     with LoopbackDeployment(setup, work / "resumed", pki) as dep:
         dep.start_coordinator()
         dep.start_clients()
-        dep.wait_round_in_flight(setup.at_round, list(range(setup.clients)))
+        sampled = max(int(setup.clients * setup.fraction_train), setup.least_replies)  # as the strategy samples
+        dep.wait_round_in_flight(setup.at_round, list(range(setup.clients)), at_least=sampled)
         crashed_at = time.time()
         killed = kill_tree(dep.coordinator.pid)
         checkpoint_at_crash = sorted(p.name for p in (dep.run_dir / "checkpoints").glob("round-[0-9][0-9][0-9][0-9]"))
@@ -389,6 +399,7 @@ def crash_and_resume(setup: FaultSetup, work: Path) -> dict[str, Any]:
         code = dep.wait_coordinator()
         log = dep.log_tail()
     resumed = run_outcome(dep.run_dir)
+    redone = next((r["recorded_at"] for r in resumed["rounds"] if r["round"] == setup.at_round), None)
     finished = reference["adapter"] and resumed["adapter"]
     adapter = compare_tensors(Path(reference["run_dir"]) / "adapter" / "adapter_model.safetensors",
                               Path(resumed["run_dir"]) / "adapter" / "adapter_model.safetensors") if finished else None
@@ -402,7 +413,8 @@ def crash_and_resume(setup: FaultSetup, work: Path) -> dict[str, Any]:
               **nothing_lost(resumed, setup.rounds),
               "same_final_adapter": bool(adapter and adapter["bit_identical"])}
     return {"experiment": "coordinator", "setup": asdict(setup), "exit_codes": [reference_code, code],
-            "killed_pids": killed, "checkpoints_at_crash": checkpoint_at_crash, "crashed_at": crashed_at,
+            "killed_pids": killed, "checkpoints_at_crash": checkpoint_at_crash,
+            "crash_to_round_recorded_s": None if redone is None else redone - crashed_at,
             "wall_s": round(time.time() - started, 1), "checks": checks, "adapter": adapter,
             "global_per_round": per_round, "uninterrupted": reference, "resumed": resumed,
             **({} if code == 0 else {"log_tail": log})}
@@ -428,6 +440,9 @@ def summary_markdown(results: list[dict[str, Any]]) -> str:
             lines.append(f"- killed clients {result['killed_clients']}; round {result['setup']['at_round']} "
                          f"recorded {result['kill_to_round_recorded_s']:.1f} s after the kill")
         if result["experiment"] == "coordinator":
+            if result["crash_to_round_recorded_s"] is not None:
+                lines.append(f"- coordinator killed during round {result['setup']['at_round']}; the resumed run "
+                             f"recorded it {result['crash_to_round_recorded_s']:.1f} s after the kill")
             lines.append(f"- final adapter: {_diff(result['adapter'])}")
             lines += [f"- global after round {r}: {_diff(d)}" for r, d in result["global_per_round"].items()]
         lines += [f"- check {name}: {'ok' if ok else 'FAILED'}" for name, ok in result["checks"].items()]
@@ -449,8 +464,8 @@ def _diff(comparison: dict[str, Any] | None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pollinate.simulations.deploy_faults", description=__doc__.split(
-        "\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m pollinate.simulations.deploy_faults",
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("experiment", nargs="?", choices=("clients", "coordinator", "both"), default="both")
     parser.add_argument("--out", required=True, help="directory for the runs, logs and faults.json")
     defaults = FaultSetup()
@@ -458,23 +473,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=defaults.rounds)
     parser.add_argument("--kill", type=int, default=defaults.kill, help="clients SIGKILLed (experiment clients)")
     parser.add_argument("--at-round", type=int, default=defaults.at_round, help="round during which to kill")
-    parser.add_argument("--round-timeout", type=float, default=defaults.round_timeout_s,
-                        help="federation.round_timeout_s")
+    parser.add_argument("--round-timeout", type=float, help="federation.round_timeout_s; default 60 for clients "
+                        "(it bounds the wait for the dead), 300 for coordinator (no client may be dropped there)")
+    parser.add_argument("--fraction-train", type=float, default=defaults.fraction_train)
+    parser.add_argument("--min-clients", type=int, help="federation.min_clients (default: clients - kill)")
     parser.add_argument("--insecure", action="store_true", help="no TLS and no node keys")
     args = parser.parse_args(argv)
-    setup = FaultSetup(clients=args.clients, rounds=args.rounds, kill=args.kill, at_round=args.at_round,
-                       round_timeout_s=args.round_timeout, insecure=args.insecure)
     out = Path(args.out).expanduser().resolve()
     chosen = ["clients", "coordinator"] if args.experiment == "both" else [args.experiment]
     if taken := [name for name in chosen if (out / name).exists()]:
         parser.error(f"--out {out} already holds {', '.join(taken)}/; choose an empty directory")
-    experiments = {"clients": kill_clients_mid_round, "coordinator": crash_and_resume}
-    results = [experiments[name](setup, out / name) for name in chosen]
+    experiments = {"clients": (kill_clients_mid_round, 60.0), "coordinator": (crash_and_resume, 300.0)}
+    results = []
+    for name in chosen:
+        experiment, timeout = experiments[name]
+        setup = FaultSetup(clients=args.clients, rounds=args.rounds, kill=args.kill, at_round=args.at_round,
+                           round_timeout_s=args.round_timeout or timeout, fraction_train=args.fraction_train,
+                           min_clients=args.min_clients, insecure=args.insecure)
+        results.append(experiment(setup, out / name))
+    out.mkdir(parents=True, exist_ok=True)
     (out / "faults.json").write_text(json.dumps(results, indent=2))
     print(summary_markdown(results))
     return 0 if all(all(r["checks"].values()) for r in results) else 1
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("PYTHONUNBUFFERED", "1")
     sys.exit(main())

@@ -1,12 +1,13 @@
 """Step latency of a legitimate split client alone and while another node floods the split service.
 
 ``python -m pollinate.simulations.split_flood_bench [--config run.toml] [--set section.key=value ...]`` starts the
-split service on 127.0.0.1 with the run's body and limits (as ``SFPrompt.prepare`` does), times ``--steps``
-split steps (Forward + Backward of one ``train.batch_size`` x ``model.max_seq_len + num_prompt_tokens`` batch)
-of one node alone, then again while a second process holding another node's token sends Forwards of the
-largest admitted shape from ``--flood-threads`` threads without pause. Prints one JSON line: latency
-percentiles of both phases, how the flood's calls were answered, and the server's resident memory before,
-under flood and after the sessions expired.
+split service on 127.0.0.1 with the run's body and limits (as ``SFPrompt.prepare`` does) and times ``--steps``
+pairs of split steps of one node (Forward + Backward of one ``train.batch_size`` x ``model.max_seq_len +
+num_prompt_tokens`` batch): in each pair one step alone and one while a second process, holding another node's
+token, sends Forwards of the largest admitted shape from ``--flood-threads`` threads without pause. Alternating
+keeps a shared machine's changing load out of the comparison. Prints one JSON line: latency percentiles of both,
+how the flood's calls were answered, and this process's resident memory at the start (service up, body warm),
+at its peak under flood and after every session expired.
 """
 
 from __future__ import annotations
@@ -17,11 +18,10 @@ import json
 import multiprocessing
 import os
 import statistics
-import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
@@ -42,23 +42,11 @@ _LEGIT, _FLOODER = "1", "2"
 _SESSION_TTL_S = 20.0  # short, so that the expiry of the flood's sessions is seen within the run
 
 
-def timed_steps(channel: SplitChannel, shape: tuple[int, int, int], steps: int) -> list[float]:
-    """Seconds of each Forward + Backward through the channel (the client's own compute excluded)."""
-    mask = torch.ones(shape[:2], dtype=torch.long)
-    seconds = []
-    for _ in range(steps):
-        hidden = torch.randn(shape, requires_grad=True)
-        start = time.perf_counter()
-        channel.body(hidden, mask).backward(torch.randn(shape))
-        seconds.append(time.perf_counter() - start)
-    return seconds
-
-
-def flood(address: str, token: str, shape: tuple[int, int, int], threads: int, started: Any, stop: Any,
-          answers: Any) -> None:
-    """Forwards of ``shape`` from ``threads`` threads until ``stop`` is set; counts the status codes and sets
-    ``started`` at the first answer. Runs at the lowest CPU priority: an attacker's own client-side work is on
-    its machine, not the server's, and this one shares the server's CPUs."""
+def flood(address: str, token: str, shape: tuple[int, int, int], threads: int, active: Any, stop: Any,
+          in_flight: Any, answers: Any) -> None:
+    """Forwards of ``shape`` from ``threads`` threads while ``active`` is set, until ``stop``; counts the status
+    codes. Runs at the lowest CPU priority: an attacker's client-side work is on its own machine, not the
+    server's, and this one shares the server's CPUs."""
     os.nice(19)
     counts: Counter[str] = Counter()
     lock = threading.Lock()
@@ -68,17 +56,23 @@ def flood(address: str, token: str, shape: tuple[int, int, int], threads: int, s
     def run(index: int) -> None:
         stub, step = split_pb2_grpc.SplitBodyStub(grpc.insecure_channel(address)), 0
         while not stop.is_set():
+            if not active.wait(timeout=0.1):
+                continue
             step += 1
             request = split_pb2.ForwardRequest(session_id=f"flood-{index % 2}", step_id=step, token=token,
                                                keep_graph=True, hidden=hidden, attention_mask=mask)
+            with in_flight.get_lock():
+                in_flight.value += 1
             try:
-                stub.Forward(request, metadata=((NODE_ID_METADATA, _FLOODER),), timeout=30)
+                stub.Forward(request, metadata=((NODE_ID_METADATA, _FLOODER),), timeout=60)
                 code = "OK"
             except grpc.RpcError as exc:
                 code = exc.code().name
+            finally:
+                with in_flight.get_lock():
+                    in_flight.value -= 1
             with lock:
                 counts[code] += 1
-            started.set()
 
     workers = [threading.Thread(target=run, args=(i,)) for i in range(threads)]
     for worker in workers:
@@ -88,31 +82,27 @@ def flood(address: str, token: str, shape: tuple[int, int, int], threads: int, s
     answers.update(counts)
 
 
-def percentiles(seconds: list[float]) -> dict[str, float]:
-    cuts = statistics.quantiles(seconds, n=20)
-    return {"p50_ms": round(statistics.median(seconds) * 1e3, 1), "p95_ms": round(cuts[18] * 1e3, 1)}
-
-
-def legit_steps(address: str, tokens: TokenRegistry, shape: tuple[int, int, int], steps: int) -> list[float]:
-    """A fresh session of the legitimate node: two warm-up steps, then ``steps`` timed ones."""
-    with SplitChannel(address, tokens.issue(_LEGIT, 1, 3600), node_id=_LEGIT, timeout_s=120) as channel:
-        timed_steps(channel, shape, 2)
-        return timed_steps(channel, shape, steps)
-
-
 @contextlib.contextmanager
-def flooding(address: str, token: str, shape: tuple[int, int, int], threads: int) -> Iterator[dict]:
-    """A flooding process for the duration of the block; yields the tally of its answers (filled at the end)."""
+def flooder(address: str, token: str, shape: tuple[int, int, int], threads: int
+            ) -> Iterator[tuple[Callable[[bool], None], dict[str, int]]]:
+    """A flooding process for the block; yields ``switch(on)`` and the tally of its answers (filled at the end)."""
     context = multiprocessing.get_context("spawn")
     with context.Manager() as manager:
-        started, stop, answers = context.Event(), context.Event(), manager.dict()
-        process = context.Process(target=flood, args=(address, token, shape, threads, started, stop, answers))
+        active, stop, in_flight, answers = context.Event(), context.Event(), context.Value("i", 0), manager.dict()
+        process = context.Process(target=flood, args=(address, token, shape, threads, active, stop, in_flight,
+                                                      answers))
         process.start()
+
+        def switch(on: bool) -> None:
+            # On: return once a flood call is in flight. Off: once none is (its last computation is done).
+            (active.set if on else active.clear)()
+            deadline = time.monotonic() + 300
+            while (in_flight.value > 0) != on and time.monotonic() < deadline:
+                time.sleep(0.01)
+
         tally: dict[str, int] = {}
         try:
-            if not started.wait(timeout=300):
-                raise RuntimeError("the flooding process got no answer within 300 s")
-            yield tally
+            yield switch, tally
         finally:
             stop.set()
             process.join(timeout=120)
@@ -121,25 +111,42 @@ def flooding(address: str, token: str, shape: tuple[int, int, int], threads: int
             tally.update(answers)
 
 
+def timed_step(channel: SplitChannel, shape: tuple[int, int, int]) -> float:
+    """Seconds of one Forward + Backward through the channel (the client's own compute excluded)."""
+    hidden = torch.randn(shape, requires_grad=True)
+    start = time.perf_counter()
+    channel.body(hidden, torch.ones(shape[:2], dtype=torch.long)).backward(torch.randn(shape))
+    return time.perf_counter() - start
+
+
+def percentiles(seconds: list[float]) -> dict[str, float]:
+    cuts = statistics.quantiles(seconds, n=20)
+    return {"p50_ms": round(statistics.median(seconds) * 1e3, 1), "p95_ms": round(cuts[18] * 1e3, 1)}
+
+
 def bench(cfg: RunConfig, steps: int, flood_threads: int) -> dict[str, Any]:
     """Start the service with the run's body and limits, time the legitimate node alone and under flood."""
     sf = cfg.sfprompt
     path, task = runtime.model_task(cfg)
     parts = split_model(load_model(path, task, 2), sf.head_layers, sf.tail_layers, sf.num_prompt_tokens)
-    limits = split_limits(cfg)
-    tokens = TokenRegistry()
+    limits, tokens = split_limits(cfg), TokenRegistry()
     server, port = start_split_server(parts.body, tokens=tokens, limits=limits, session_ttl_s=_SESSION_TTL_S,
                                       max_concurrent_rpcs=sf.max_concurrent_rpcs, compute_slots=sf.compute_slots,
                                       hidden_size=parts.architecture.hidden_size)
     service, address, process = server.split_service, f"127.0.0.1:{port}", psutil.Process()
     shape = (limits.max_batch, limits.max_seq_len, parts.architecture.hidden_size)
-    rss = {"start": process.memory_info().rss}
+    alone, flooded, rss = [], [], {}
     try:
-        alone = legit_steps(address, tokens, shape, steps)
-        print(f"alone: median {statistics.median(alone):.3f} s; starting the flood", file=sys.stderr, flush=True)
-        with flooding(address, tokens.issue(_FLOODER, 1, 3600), shape, flood_threads) as answers:
-            flooded = legit_steps(address, tokens, shape, steps)
-            rss["under_flood"] = process.memory_info().rss
+        with SplitChannel(address, tokens.issue(_LEGIT, 1, 3600), node_id=_LEGIT, timeout_s=120) as channel, \
+                flooder(address, tokens.issue(_FLOODER, 1, 3600), shape, flood_threads) as (switch, answers):
+            timed_step(channel, shape)  # warm-up
+            rss["start"] = rss["peak"] = process.memory_info().rss
+            for _ in range(steps):
+                switch(False)
+                alone.append(timed_step(channel, shape))
+                switch(True)
+                flooded.append(timed_step(channel, shape))
+                rss["peak"] = max(rss["peak"], process.memory_info().rss)
         deadline = time.monotonic() + 3 * _SESSION_TTL_S
         while service.num_sessions and time.monotonic() < deadline:
             time.sleep(0.2)
@@ -149,8 +156,7 @@ def bench(cfg: RunConfig, steps: int, flood_threads: int) -> dict[str, Any]:
         server.stop(None)
     return {
         "model": cfg.model.name, "batch": shape[0], "seq": shape[1], "steps": steps, "flood_threads": flood_threads,
-        "compute_slots": sf.compute_slots,
-        "alone": percentiles(alone), "flooded": percentiles(flooded),
+        "compute_slots": sf.compute_slots, "alone": percentiles(alone), "flooded": percentiles(flooded),
         "p50_ratio": round(statistics.median(flooded) / statistics.median(alone), 2),
         "flood_answers": answers, "rss_mib": {k: round(v / 2**20) for k, v in rss.items()},
         "sessions_left": service.num_sessions, "graph_bytes_left": service.graph_bytes,
@@ -161,7 +167,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=None, help="run TOML (default: built-in defaults)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
-    parser.add_argument("--steps", type=int, default=20, help="timed steps per phase")
+    parser.add_argument("--steps", type=int, default=20, help="pairs of timed steps (one alone, one flooded)")
     parser.add_argument("--flood-threads", type=int, default=8, help="threads of the flooding node")
     args = parser.parse_args()
     torch.manual_seed(0)

@@ -13,6 +13,7 @@ from safetensors.numpy import save_file
 from pollinate.simulations.deploy_faults import (
     FaultSetup,
     compare_tensors,
+    crash_and_resume,
     kill_clients_mid_round,
     kill_tree,
     nothing_lost,
@@ -74,7 +75,8 @@ def test_fault_setup_refuses_what_cannot_be_run():
 
 @pytest.mark.slow
 def test_two_of_five_clients_killed_mid_round_are_dropped_and_the_run_loses_nothing(tmp_path):
-    setup = FaultSetup(clients=5, rounds=3, kill=2, at_round=2, round_timeout_s=60)
+    # 90 s: a healthy round of 5 clients takes up to ~60 s on the busy 2-core machine; the dead are found sooner.
+    setup = FaultSetup(clients=5, rounds=3, kill=2, at_round=2, round_timeout_s=90)
     result = kill_clients_mid_round(setup, tmp_path)
     assert result["exit_code"] == 0, result.get("log_tail")
     # Each victim's whole tree went: `pollinate join`, its SuperNode, SuperExec and the round-2 ClientApp.
@@ -90,7 +92,26 @@ def test_two_of_five_clients_killed_mid_round_are_dropped_and_the_run_loses_noth
     assert all("Node Unavailable" in d["reason"] or "dropped" in d["reason"] for d in dropped)
     assert result["checkpoints"] == ["round-0001", "round-0002", "round-0003"] and result["adapter"]
     assert all(result["checks"].values()), result["checks"]
-    # Bounded: the round ends by the heartbeat expiry (2 x 30 s) or the round timeout, whichever comes first.
-    assert result["kill_to_round_recorded_s"] < 2 * 30 + setup.round_timeout_s
+    # Bounded: the round ends at Flower's heartbeat expiry (2 x 30 s) or the round timeout, whichever comes first.
+    assert result["kill_to_round_recorded_s"] < setup.round_timeout_s + 30
+    leftovers = [p for p in psutil.Process().children(recursive=True) if p.status() != psutil.STATUS_ZOMBIE]
+    assert leftovers == []
+
+
+@pytest.mark.slow
+def test_coordinator_killed_mid_round_and_resumed_ends_with_the_uninterrupted_adapter(tmp_path):
+    # Smaller than the experiment's default (5 clients x 3 rounds) so that both runs fit in a few minutes.
+    setup = FaultSetup(clients=2, rounds=2, kill=0, at_round=2, round_timeout_s=300)
+    result = crash_and_resume(setup, tmp_path)
+    assert result["exit_codes"] == [0, 0], result.get("log_tail")
+    assert result["checkpoints_at_crash"] == ["round-0001"]  # round 2 was in flight, not recorded
+    assert len(result["killed_pids"]) >= 4  # coordinator, SuperLink, gateway, flwr run, SuperExec, ServerApp
+    resumed = result["resumed"]
+    assert resumed["resumed_from"] == [1]
+    assert [r["clients"] for r in resumed["rounds"]] == [[0, 1], [0, 1]]  # the clients rejoined on their own
+    assert resumed["checkpoints"] == ["round-0001", "round-0002"] and resumed["adapter"]
+    assert result["adapter"]["bit_identical"], result["adapter"]
+    assert [d["bit_identical"] for d in result["global_per_round"].values()] == [True, True]
+    assert [r["eval_loss"] for r in resumed["rounds"]] == [r["eval_loss"] for r in result["uninterrupted"]["rounds"]]
     leftovers = [p for p in psutil.Process().children(recursive=True) if p.status() != psutil.STATUS_ZOMBIE]
     assert leftovers == []

@@ -57,7 +57,19 @@ class _RemoteBody(torch.autograd.Function):
 
 
 class SplitBodyClient:
-    """Step numbering, tensor encoding, byte accounting; subclasses say how a request reaches the service."""
+    """One session's client side: step numbering, tensor encoding, byte accounting. Subclasses implement
+    ``_invoke(method, request)``, how a request reaches the service (``SplitChannel``: gRPC; the server-side
+    ``LocalBody``: the service's handlers in process).
+
+    Parameters
+    ----------
+    token : str
+        The per-round token sent with every request.
+    session_id : str or None
+        The session's id; None draws a random UUID.
+    wire_dtype : {"fp32", "fp16", "bf16"}
+        Dtype of activations and gradients on the wire.
+    """
 
     def __init__(self, token: str, session_id: str | None, wire_dtype: WireDType) -> None:
         if wire_dtype not in WIRE_DTYPES:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import itertools
+import queue
 import threading
 from collections.abc import Callable
 from concurrent import futures
@@ -19,6 +21,9 @@ T = TypeVar("T")
 
 class ComputeSlots:
     """At most ``slots`` body computations at once, on the calling thread or on ``slots`` dedicated threads.
+
+    On dedicated threads waiting computations run in arrival order, except that backwards go first: a backward
+    finishes a step in progress and frees its graph, while a forward starts a new one.
 
     Parameters
     ----------
@@ -32,21 +37,40 @@ class ComputeSlots:
     def __init__(self, slots: int, *, dedicated_threads: bool = False) -> None:
         if slots < 1:
             raise ValueError(f"compute_slots={slots}: expected at least 1")
-        self._pool = (futures.ThreadPoolExecutor(max_workers=slots, thread_name_prefix="split-compute")
-                      if dedicated_threads else None)
         self._slots = threading.BoundedSemaphore(slots)
+        self._waiting: queue.PriorityQueue | None = queue.PriorityQueue() if dedicated_threads else None
+        self._arrival = itertools.count()  # ties within a priority go in arrival order
+        self._threads = [threading.Thread(target=self._serve, name=f"split-compute-{i}", daemon=True)
+                         for i in range(slots if dedicated_threads else 0)]
+        for thread in self._threads:
+            thread.start()
         self.calls = 0  # read by the sweeper to trim only after new work; a lost increment is harmless
 
-    def run(self, work: Callable[[], T]) -> T:
+    def run(self, work: Callable[[], T], *, backward: bool = False) -> T:
+        """``work()``'s result (or exception), once a slot is free."""
         self.calls += 1
-        if self._pool is not None:
-            return self._pool.submit(work).result()
-        with self._slots:
-            return work()
+        if self._waiting is None:
+            with self._slots:
+                return work()
+        done: futures.Future = futures.Future()
+        self._waiting.put((0 if backward else 1, next(self._arrival), work, done))
+        return done.result()
+
+    def _serve(self) -> None:
+        while True:
+            _, _, work, done = self._waiting.get()
+            if work is None:
+                return
+            try:
+                done.set_result(work())
+            except BaseException as exc:  # handed to the caller, which reports it
+                done.set_exception(exc)
+            del work, done  # the last result must not stay alive (it may hold a graph) while this thread waits
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
+        """Let the dedicated threads finish what waits, then end."""
+        for _ in self._threads:
+            self._waiting.put((2, next(self._arrival), None, None))
 
 
 def _malloc_trim() -> Callable[[int], int] | None:

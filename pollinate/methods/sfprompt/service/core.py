@@ -236,7 +236,8 @@ class SplitBodyService(split_pb2_grpc.SplitBodyServicer):
                 wire_dtype = grad.dtype
                 grad = grad.to(device=self._device, dtype=pending.output.dtype)
                 try:
-                    (grad_in,) = self.compute.run(lambda: torch.autograd.grad(pending.output, pending.inputs, grad))
+                    (grad_in,) = self.compute.run(lambda: torch.autograd.grad(pending.output, pending.inputs, grad),
+                                                  backward=True)
                 except Exception as exc:  # the body is user code: report, keep serving
                     logger.exception("split service: body backward failed")
                     raise SplitRejected(grpc.StatusCode.INTERNAL, f"body backward failed: {exc}") from exc
