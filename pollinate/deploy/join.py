@@ -30,9 +30,11 @@ from pollinate.deploy.app_trust import (
 from pollinate.deploy.keys import check_ca_cert, flower_node_key, load_node_private_key
 from pollinate.deploy.processes import (
     ChildProcess,
+    adopt_orphans,
     child_env,
     flwr_executable,
     free_loopback_port,
+    stop_descendants,
     stop_on_signals,
 )
 
@@ -218,9 +220,12 @@ class Node:
         Where to copy the SuperNode's log lines (always also in `work_dir/logs/supernode.log`).
     """
 
-    def __init__(self, spec: JoinSpec, echo: TextIO | None = sys.stdout) -> None:
+    def __init__(self, spec: JoinSpec, echo: TextIO | None = sys.stdout, owns_process: bool = False) -> None:
         self.spec = spec
         self.echo = echo
+        # As the `pollinate join` process, every descendant is this node's: a ClientApp orphaned when its
+        # SuperNode died (e.g. the coordinator crashed mid-start) is adopted and stopped, never left running.
+        self.owns_process = owns_process and adopt_orphans()
         self.child: ChildProcess | None = None
         self.connections = 0
         self._stop = threading.Event()
@@ -304,6 +309,7 @@ class Node:
                         "supernode", argv, env, log_path, echo=self.echo, on_line=self._on_line
                     )
                     code = self._wait_child()
+                self._stop_orphans()
                 if code is None:  # stop requested
                     return
                 output = self.child.tail(40)
@@ -349,6 +355,10 @@ class Node:
             except subprocess.TimeoutExpired:
                 continue
 
+    def _stop_orphans(self) -> None:
+        if self.owns_process and (count := stop_descendants()):
+            log.warning("stopped %d process(es) left behind by the previous SuperNode", count)
+
     def __enter__(self) -> Node:
         return self
 
@@ -356,10 +366,11 @@ class Node:
         self.stop()
         if self.child is not None:
             self.child.stop()
+        self._stop_orphans()
 
 
 def join(spec: JoinSpec, echo: TextIO | None = sys.stdout) -> None:
     """Join the coordinator and stay joined until SIGINT/SIGTERM (see `Node`)."""
-    with Node(spec, echo) as node:
+    with Node(spec, echo, owns_process=True) as node:
         node.run()
 

@@ -188,6 +188,37 @@ class ChildProcess:
             pass
 
 
+def adopt_orphans() -> bool:
+    """Make this process a child subreaper (Linux): descendants orphaned when their parent dies (a ClientApp
+    whose SuperNode exited) are re-parented here instead of to init, so `stop_descendants` can reach them.
+    Returns False where the kernel does not support it."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    pr_set_child_subreaper = 36
+    return ctypes.CDLL(None, use_errno=True).prctl(pr_set_child_subreaper, 1, 0, 0, 0) == 0
+
+
+def stop_descendants(grace_s: float = 5.0) -> int:
+    """Terminate (then kill) every live descendant of this process; returns how many there were. Only for a
+    process whose every child is its own to stop (the `pollinate join` process)."""
+    descendants = psutil.Process().children(recursive=True)
+    for proc in descendants:
+        try:
+            proc.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(descendants, timeout=grace_s)
+    for proc in alive:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=2.0)
+    return len(descendants)
+
+
 @contextmanager
 def stop_on_signals(stop: threading.Event) -> Iterator[None]:
     """Turn SIGINT/SIGTERM into `stop.set()` for the wait loops to act on (main thread only: elsewhere

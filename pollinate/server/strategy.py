@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import json
+import random
 import time
 from abc import abstractmethod
 from collections.abc import Callable, Iterable
@@ -214,9 +215,17 @@ class PollinateStrategy(Strategy):
         """Flower FedAvg's sampling, draw for draw: ``fraction_train`` of the connected nodes (at least
         ``min_train_nodes``), once ``min_available_nodes`` are connected."""
         num_nodes = int(len(list(grid.get_node_ids())) * self.fraction_train)
-        node_ids, connected = sample_nodes(grid, self.min_available_nodes, max(num_nodes, self.min_train_nodes))
+        size = max(num_nodes, self.min_train_nodes)
+        _, connected = sample_nodes(grid, max(self.min_available_nodes, size), 0)  # waits; draws nothing
         self.identity.connected(connected)
-        return node_ids
+        # Node ids are random per SuperLink and per (re)join: draw from the nodes ordered by client identity, so
+        # a seed (and a resumed run's restored RNG state) picks the same clients whatever their node ids.
+        return random.sample(sorted(connected, key=self._identity_order), size)
+
+    def _identity_order(self, node_id: int) -> tuple[int, int]:
+        """Bound nodes by client id first, then unbound ones by node id."""
+        client = self.identity.client_of(node_id)
+        return (0, client) if client is not None else (1, node_id)
 
     @in_run_rounds
     def aggregate_train(self, server_round: int,

@@ -135,8 +135,7 @@ def kill_tree(root: int | psutil.Process) -> list[int]:
         except psutil.NoSuchProcess:
             pass
     _, alive = psutil.wait_procs(list(frozen.values()), timeout=15)
-    alive = [p for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
-    if alive:
+    if alive := [p for p in alive if _alive(p)]:
         raise FaultExperimentError(f"processes {[p.pid for p in alive]} survived SIGKILL")
     return sorted(frozen)
 
@@ -152,6 +151,21 @@ def stop_tree(proc: subprocess.Popen, grace_s: float = 20.0) -> None:
         pass
     for member in tree:
         kill_tree(member)
+
+
+def _alive(proc: psutil.Process) -> bool:
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _command(proc: psutil.Process) -> str:
+    """The Flower executable a process runs (``flwr-clientapp``, ...), else its name."""
+    try:
+        return next((Path(arg).name for arg in proc.cmdline()[:2] if "flwr" in arg or "flower" in arg), proc.name())
+    except psutil.Error:
+        return "?"
 
 
 def clientapps_since(pid: int, since: float) -> list[psutil.Process]:
@@ -393,11 +407,16 @@ def crash_and_resume(setup: FaultSetup, work: Path) -> dict[str, Any]:
         sampled = max(int(setup.clients * setup.fraction_train), setup.least_replies)  # as the strategy samples
         dep.wait_round_in_flight(setup.at_round, list(range(setup.clients)), at_least=sampled)
         crashed_at = time.time()
+        # The clients' SuperNodes exit once their coordinator is gone; whatever they started must go with them.
+        client_side = {proc: _command(proc) for client in dep.clients for proc in process_tree(client.pid)[1:]}
         killed = kill_tree(dep.coordinator.pid)
         checkpoint_at_crash = sorted(p.name for p in (dep.run_dir / "checkpoints").glob("round-[0-9][0-9][0-9][0-9]"))
         dep.start_coordinator(resume=True)
         code = dep.wait_coordinator()
         log = dep.log_tail()
+    orphans = [{"pid": proc.pid, "cmd": command} for proc, command in client_side.items() if _alive(proc)]
+    for proc in client_side:
+        kill_tree(proc)  # only those still running: the rest are gone, and a psutil.Process is never a reused pid
     resumed = run_outcome(dep.run_dir)
     redone = next((r["recorded_at"] for r in resumed["rounds"] if r["round"] == setup.at_round), None)
     finished = reference["adapter"] and resumed["adapter"]
@@ -415,6 +434,7 @@ def crash_and_resume(setup: FaultSetup, work: Path) -> dict[str, Any]:
     return {"experiment": "coordinator", "setup": asdict(setup), "exit_codes": [reference_code, code],
             "killed_pids": killed, "checkpoints_at_crash": checkpoint_at_crash,
             "crash_to_round_recorded_s": None if redone is None else redone - crashed_at,
+            "orphaned_after_crash": orphans,
             "wall_s": round(time.time() - started, 1), "checks": checks, "adapter": adapter,
             "global_per_round": per_round, "uninterrupted": reference, "resumed": resumed,
             **({} if code == 0 else {"log_tail": log})}
@@ -443,6 +463,8 @@ def summary_markdown(results: list[dict[str, Any]]) -> str:
             if result["crash_to_round_recorded_s"] is not None:
                 lines.append(f"- coordinator killed during round {result['setup']['at_round']}; the resumed run "
                              f"recorded it {result['crash_to_round_recorded_s']:.1f} s after the kill")
+            lines.append(f"- client-side processes of the crashed run still running after the run (then killed): "
+                         f"{[o['cmd'] for o in result['orphaned_after_crash']] or 'none'}")
             lines.append(f"- final adapter: {_diff(result['adapter'])}")
             lines += [f"- global after round {r}: {_diff(d)}" for r, d in result["global_per_round"].items()]
         lines += [f"- check {name}: {'ok' if ok else 'FAILED'}" for name, ok in result["checks"].items()]

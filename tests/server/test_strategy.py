@@ -67,6 +67,21 @@ def test_sampling_draws_the_nodes_flower_fedavg_draws(tmp_path):
     assert ours == theirs and len(ours) == 3
 
 
+def test_a_seed_samples_the_same_clients_whatever_their_node_ids(tmp_path):
+    """Node ids are random per SuperLink and per rejoin; a seed (or a resumed RNG state) must pick the same
+    clients, so sampling draws from the nodes ordered by their client identity."""
+    from pollinate.server.identity import NodeIdentity
+
+    picked = []
+    for nodes in (NODES, [905, 17, 333, 4, 71, 250]):
+        strategy = _strategy(tmp_path, "federation.fraction_train=0.5")
+        strategy.identity = NodeIdentity({node: client for client, node in enumerate(nodes)})
+        random.seed(7)
+        sent = strategy.configure_train(1, strategy.initial_arrays(), ConfigRecord(), FakeGrid(list(reversed(nodes))))
+        picked.append(sorted(nodes.index(m.metadata.dst_node_id) for m in sent))
+    assert picked[0] == picked[1] and len(picked[0]) == 3
+
+
 def test_each_message_carries_the_round_and_only_the_client_sections(tmp_path):
     strategy = _strategy(tmp_path)
     messages = list(strategy.configure_train(1, strategy.initial_arrays(), ConfigRecord(), FakeGrid(NODES)))
