@@ -157,23 +157,13 @@ class ChildProcess:
         except psutil.NoSuchProcess:
             descendants = []
         self._signal_group(signal.SIGTERM)
-        for proc in descendants:
-            try:
-                proc.terminate()
-            except psutil.NoSuchProcess:
-                pass
+        _each(descendants, psutil.Process.terminate)
         # The root is reaped through Popen (not psutil) so its exit code is kept.
         try:
             self.popen.wait(grace_s)
         except subprocess.TimeoutExpired:
             self._signal_group(signal.SIGKILL)
-        _, alive = psutil.wait_procs(descendants, timeout=1.0)
-        for proc in alive:
-            try:
-                proc.kill()
-            except psutil.NoSuchProcess:
-                pass
-        psutil.wait_procs(alive, timeout=2.0)
+        _kill_survivors(descendants, grace_s=1.0)
         try:
             return self.wait(timeout=2.0)
         except subprocess.TimeoutExpired:
@@ -204,19 +194,24 @@ def stop_descendants(grace_s: float = 5.0) -> int:
     """Terminate (then kill) every live descendant of this process; returns how many there were. Only for a
     process whose every child is its own to stop (the `pollinate join` process)."""
     descendants = psutil.Process().children(recursive=True)
-    for proc in descendants:
-        try:
-            proc.terminate()
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(descendants, timeout=grace_s)
-    for proc in alive:
-        try:
-            proc.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(alive, timeout=2.0)
+    _each(descendants, psutil.Process.terminate)
+    _kill_survivors(descendants, grace_s)
     return len(descendants)
+
+
+def _each(procs: Sequence[psutil.Process], signal_one: Callable[[psutil.Process], None]) -> None:
+    for proc in procs:
+        try:
+            signal_one(proc)
+        except psutil.NoSuchProcess:
+            pass
+
+
+def _kill_survivors(procs: Sequence[psutil.Process], grace_s: float) -> None:
+    """SIGKILL whatever of ``procs`` is still alive after ``grace_s``, and reap it."""
+    _, alive = psutil.wait_procs(procs, timeout=grace_s)
+    _each(alive, psutil.Process.kill)
+    psutil.wait_procs(alive, timeout=2.0)
 
 
 @contextmanager

@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import psutil
 from safetensors.numpy import load_file
 
 from pollinate.common.data import generate_skills
@@ -35,6 +34,14 @@ from pollinate.deploy.app_trust import ensure_app_signing_key
 from pollinate.deploy.keys import create_node_key, init_certs
 from pollinate.deploy.processes import free_loopback_port, port_in_use
 from pollinate.server.checkpoint import GLOBAL_FILE, round_dir
+from pollinate.simulations.process_trees import (
+    clientapps_since,
+    flower_command,
+    is_alive,
+    kill_tree,
+    process_tree,
+    stop_tree,
+)
 
 
 class FaultExperimentError(RuntimeError):
@@ -107,79 +114,7 @@ class FaultSetup:
         return 240.0 + self.rounds * (self.round_timeout_s + 120.0)
 
 
-# --- processes ------------------------------------------------------------------------------------------------
-def process_tree(root: int | psutil.Process) -> list[psutil.Process]:
-    """``root`` and all its descendants; empty when it has exited (a psutil.Process knows its start time, so a
-    reused pid is not mistaken for it)."""
-    try:
-        proc = root if isinstance(root, psutil.Process) else psutil.Process(root)
-        return [proc, *proc.children(recursive=True)] if proc.is_running() else []
-    except psutil.NoSuchProcess:
-        return []
-
-
-def kill_tree(root: int | psutil.Process) -> list[int]:
-    """SIGKILL ``root`` and every descendant, frozen first (SIGSTOP, top down) so none can start a child unseen;
-    returns the killed pids once they are gone."""
-    frozen: dict[int, psutil.Process] = {}
-    while new := [p for p in process_tree(root) if p.pid not in frozen]:
-        for proc in new:
-            frozen[proc.pid] = proc
-            try:
-                proc.suspend()
-            except psutil.NoSuchProcess:
-                pass
-    for proc in frozen.values():
-        try:
-            proc.kill()
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(list(frozen.values()), timeout=15)
-    if alive := [p for p in alive if _alive(p)]:
-        raise FaultExperimentError(f"processes {[p.pid for p in alive]} survived SIGKILL")
-    return sorted(frozen)
-
-
-def stop_tree(proc: subprocess.Popen, grace_s: float = 20.0) -> None:
-    """SIGTERM a running child (``pollinate`` stops its own children on it), then SIGKILL whatever is left of the
-    tree it had."""
-    tree = process_tree(proc.pid)  # not reaped yet, so the pid is still this child's
-    proc.terminate()
-    try:
-        proc.wait(grace_s)
-    except subprocess.TimeoutExpired:
-        pass
-    for member in tree:
-        kill_tree(member)
-
-
-def _alive(proc: psutil.Process) -> bool:
-    try:
-        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
-def _command(proc: psutil.Process) -> str:
-    """The Flower executable a process runs (``flwr-clientapp``, ...), else its name."""
-    try:
-        return next((Path(arg).name for arg in proc.cmdline()[:2] if "flwr" in arg or "flower" in arg), proc.name())
-    except psutil.Error:
-        return "?"
-
-
-def clientapps_since(pid: int, since: float) -> list[psutil.Process]:
-    """Flower ClientApp processes under ``pid`` started after ``since`` (epoch seconds): a message being trained."""
-    found = []
-    for proc in process_tree(pid)[1:]:
-        try:
-            if "flwr-clientapp" in " ".join(proc.cmdline()) and proc.create_time() > since:
-                found.append(proc)
-        except psutil.Error:  # exited (or a zombie) while we looked
-            pass
-    return found
-
-
+# --- the run's files ------------------------------------------------------------------------------------------------
 def events(run_dir: Path) -> list[dict[str, Any]]:
     """metrics.jsonl as parsed lines (a line still being written is skipped)."""
     path = run_dir / "metrics.jsonl"
@@ -408,13 +343,13 @@ def crash_and_resume(setup: FaultSetup, work: Path) -> dict[str, Any]:
         dep.wait_round_in_flight(setup.at_round, list(range(setup.clients)), at_least=sampled)
         crashed_at = time.time()
         # The clients' SuperNodes exit once their coordinator is gone; whatever they started must go with them.
-        client_side = {proc: _command(proc) for client in dep.clients for proc in process_tree(client.pid)[1:]}
+        client_side = {proc: flower_command(proc) for client in dep.clients for proc in process_tree(client.pid)[1:]}
         killed = kill_tree(dep.coordinator.pid)
         checkpoint_at_crash = sorted(p.name for p in (dep.run_dir / "checkpoints").glob("round-[0-9][0-9][0-9][0-9]"))
         dep.start_coordinator(resume=True)
         code = dep.wait_coordinator()
         log = dep.log_tail()
-    orphans = [{"pid": proc.pid, "cmd": command} for proc, command in client_side.items() if _alive(proc)]
+    orphans = [{"pid": proc.pid, "cmd": command} for proc, command in client_side.items() if is_alive(proc)]
     for proc in client_side:
         kill_tree(proc)  # only those still running: the rest are gone, and a psutil.Process is never a reused pid
     resumed = run_outcome(dep.run_dir)

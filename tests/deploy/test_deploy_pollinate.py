@@ -21,6 +21,7 @@ import pytest
 from pollinate.cli import main
 from pollinate.common.data import generate_skills
 from pollinate.deploy.processes import free_loopback_port
+from pollinate.simulations.process_trees import clientapps_since
 
 ROOT = Path(__file__).resolve().parents[2]
 ROUND_TIMEOUT_S = 90  # long enough for a healthy client on a busy 2-core machine, short for the dropped one
@@ -119,14 +120,7 @@ def deployment(pki, tmp_path_factory):
         round2_at = max(e["time"] for e in _events(run_dir) if e["type"] == "round" and e["round"] == 2)
 
         def round3_clientapp():
-            found = []
-            for proc in _tree(clients[2].pid)[1:]:
-                try:
-                    if "flwr-clientapp" in " ".join(proc.cmdline()) and proc.create_time() > round2_at:
-                        found.append(proc)
-                except psutil.Error:  # exited (or a zombie) while we looked
-                    pass
-            return found
+            return clientapps_since(clients[2].pid, round2_at)
 
         _wait_for("client 2's round-3 ClientApp", round3_clientapp, 120, resumed, coordinator_log)
         _signal_tree(_tree(clients[2].pid), signal.SIGKILL)

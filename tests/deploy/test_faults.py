@@ -15,10 +15,9 @@ from pollinate.simulations.deploy_faults import (
     compare_tensors,
     crash_and_resume,
     kill_clients_mid_round,
-    kill_tree,
     nothing_lost,
-    process_tree,
 )
+from pollinate.simulations.process_trees import kill_tree, process_tree
 
 
 def test_kill_tree_kills_every_descendant_and_leaves_nothing_running():
