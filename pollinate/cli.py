@@ -102,6 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
                             "(e.g. fedavg-full, SFPrompt's comparison)")
     bench.add_argument("--memory-probe", action="store_true",
                        help="also measure one client's peak training memory per base precision (32/8/4 bits)")
+    bench.add_argument("--centralized", action="store_true",
+                       help="also run the baseline (first of --methods, fedavg-lora or fedavg-full) as one client "
+                            "on the union of the clients' training data, with the same total steps per round as "
+                            "all sampled clients (centralized-total) and with the same sequential steps "
+                            "(centralized-sequential); the tables give each method's metric and loss over both")
 
     config = sub.add_parser("config", help="inspect configuration")
     config_sub = config.add_subparsers(dest="config_command", required=True)
@@ -162,10 +167,23 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.memory_probe:
         probe = {"model": cfg.model.name, "bits": [32, 8, 4], "rank": cfg.lora.r,
                  "batch_size": cfg.train.batch_size, "seq_len": cfg.model.max_seq_len}
-    print(f"bench: {', '.join(methods)} on {cfg.model.name} / {cfg.data.source} -> {out}", file=sys.stderr)
-    bench(methods, run_args, out, probe, per_method, compute_baseline=args.compute_baseline)
+    references = centralized_references(args, methods[0], per_method.get(methods[0], [])) if args.centralized else {}
+    runs = [*methods, *references]
+    print(f"bench: {', '.join(runs)} on {cfg.model.name} / {cfg.data.source} -> {out}", file=sys.stderr)
+    bench(methods, run_args, out, probe, per_method, compute_baseline=args.compute_baseline, references=references)
     print((out / "bench.md").read_text())
     return 0
+
+
+def centralized_references(args: argparse.Namespace, baseline: str, overrides: list[str]) -> dict[str, list[str]]:
+    """``--centralized``: each reference run's overrides on top of the baseline's, all validated before any run."""
+    from pollinate.simulations.centralized import reference_overrides
+
+    base_args = argparse.Namespace(**{**vars(args), "method": baseline, "set": [*args.set, *overrides]})
+    references = reference_overrides(config_from_args(base_args))
+    for sets in references.values():
+        config_from_args(argparse.Namespace(**{**vars(base_args), "set": [*base_args.set, *sets]}))
+    return references
 
 
 def method_overrides(items: list[str], methods: list[str]) -> dict[str, list[str]]:

@@ -12,11 +12,12 @@ import logging
 import os
 import warnings
 
-from flwr.app import Context, Message
+from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from pollinate.client.half import ClientHalf, PreparingClientHalf, checked_half
+from pollinate.client.half import ClientHalf, EvaluatingClientHalf, PreparingClientHalf, checked_half
 from pollinate.common.config import RunConfig
+from pollinate.common.lr_schedule import read_lr_scale, scaled_learning_rates
 from pollinate.methods import get_method
 
 METHOD_MODULES_ENV = "POLLINATE_METHOD_MODULES"
@@ -43,7 +44,7 @@ def _quiet_libraries() -> None:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    cfg = _run_config(msg)
+    cfg = scaled_learning_rates(_run_config(msg), read_lr_scale(msg.content["config"]))  # the server's schedule
     _quiet_libraries()
     return Message(content=client_half(cfg.method).train(msg, cfg, context), reply_to=msg)
 
@@ -54,3 +55,15 @@ def prepare(msg: Message, context: Context) -> Message:
     cfg = _run_config(msg)
     _quiet_libraries()
     return Message(content=client_half(cfg.method, prepare=True).prepare(msg, cfg, context), reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Client-side evaluation of the global model on this client's held-out examples; a method whose client half
+    has no ``evaluate`` answers that it evaluated nothing (``num-examples`` 0), which the server skips."""
+    cfg = _run_config(msg)
+    _quiet_libraries()
+    half = client_half(cfg.method)
+    if isinstance(half, EvaluatingClientHalf):
+        return Message(content=half.evaluate(msg, cfg, context), reply_to=msg)
+    return Message(content=RecordDict({"metrics": MetricRecord({"num-examples": 0})}), reply_to=msg)

@@ -17,9 +17,19 @@ class ClientHalf(Protocol):
     ``train(msg, cfg, context)`` runs one round on this client and returns ``runtime.training_reply(...)``: the
     one reply shape (``arrays``, ``metrics`` with ``num-examples``, ``client_id`` and ``train_loss``, and
     ``profile``). ``cfg`` holds the sections the method's client half reads (``MethodSpec.client_sections``).
+    A half may also define ``evaluate`` (see ``EvaluatingClientHalf``).
     """
 
     def train(self, msg: Message, cfg: RunConfig, context: Context) -> RecordDict: ...
+
+
+@runtime_checkable
+class EvaluatingClientHalf(ClientHalf, Protocol):
+    """A client half that also evaluates the global model on this client's held-out examples (Flower's evaluate
+    message, ``eval.client_fraction``); optional. ``evaluate(msg, cfg, context)`` loads the message's global state
+    and returns ``runtime.evaluation_reply(...)``. A half without it answers that it evaluated nothing."""
+
+    def evaluate(self, msg: Message, cfg: RunConfig, context: Context) -> RecordDict: ...
 
 
 @runtime_checkable

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import resource
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -17,8 +17,10 @@ from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from pollinate.common.config import RunConfig
 from pollinate.common.data import ExampleStream, encoder_for, load_task, partition_indices, resolve_task_type
+from pollinate.common.evaluation import EvalExamples, evaluate_model, held_out_indices, metric_name
 from pollinate.common.lmloss import training_loss
 from pollinate.common.models import load_model, load_tokenizer, model_device, resolve_model
+from pollinate.common.pooling import resolve_pooling
 from pollinate.common.seeds import derive_seed
 
 _CACHE: dict[tuple, Any] = {}
@@ -43,12 +45,15 @@ def drop_cached(prefix: tuple, tag: str | None = None) -> None:
 
 @dataclass
 class LocalData:
-    """One client's encoded training examples."""
+    """One client's encoded training examples, and the examples it holds out (never trains on) to evaluate the
+    global model with (``eval.client_fraction``; empty when off)."""
 
     client_id: int
     encoded: list[dict[str, Any]]
     num_labels: int
     task_type: str
+    eval_rows: list[dict[str, Any]] = field(default_factory=list)
+    eval_encoded: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def num_examples(self) -> int:
@@ -68,7 +73,8 @@ def tokenizer_for(cfg: RunConfig):
 
 def local_data(cfg: RunConfig, node_config: dict[str, Any]) -> LocalData:
     """This client's examples: its partition of the run's data source (simulation), or, when the node was
-    started with ``data-path`` (deployment), all of that local file."""
+    started with ``data-path`` (deployment), all of that local file; less the rows it holds out for evaluation
+    (drawn per client from the run seed, see ``held_out_indices``)."""
     path, task = model_task(cfg)
     data_cfg = cfg.data
     if node_config.get("data-path"):
@@ -86,20 +92,30 @@ def local_data(cfg: RunConfig, node_config: dict[str, Any]) -> LocalData:
             parts = partition_indices(task_data.train, num_partitions, data_cfg, task_data.partition_by,
                                       cfg.federation.seed)
             rows = [task_data.train[i] for i in parts[partition_id]]
+        held = held_out_indices(len(rows), cfg.eval.client_fraction, cfg.eval.client_max_examples,
+                                derive_seed(cfg.federation.seed, "client-eval-rows", partition_id))
+        held_set = set(held)
         tokenizer = tokenizer_for(cfg)
         encode = encoder_for(task_data.task_type)
-        encoded = [encode(r, tokenizer, cfg.model.max_seq_len) for r in rows]
-        return LocalData(partition_id, encoded, len(task_data.labels), task_data.task_type)
 
-    key = ("data", path, repr(data_cfg), partition_id, num_partitions, cfg.federation.seed, cfg.model.max_seq_len)
+        def encoded(picked: list[dict[str, Any]]) -> list[dict[str, Any]]:
+            return [encode(r, tokenizer, cfg.model.max_seq_len) for r in picked]
+
+        train_rows = [row for i, row in enumerate(rows) if i not in held_set]
+        eval_rows = [rows[i] for i in held]
+        return LocalData(partition_id, encoded(train_rows), len(task_data.labels), task_data.task_type,
+                         eval_rows, encoded(eval_rows))
+
+    key = ("data", path, repr(data_cfg), partition_id, num_partitions, cfg.federation.seed, cfg.model.max_seq_len,
+           cfg.eval.client_fraction, cfg.eval.client_max_examples)
     return cached(key, build)
 
 
 def base_model(cfg: RunConfig, num_labels: int, quantization_config=None, tag: str = "") -> torch.nn.Module:
     """The frozen pretrained base, loaded once per process per (model, task, quantization, tag)."""
     path, task = model_task(cfg)
-    key = ("base", path, task, num_labels, repr(quantization_config), tag)
-    return cached(key, lambda: load_model(path, task, num_labels, quantization_config))
+    key = ("base", path, task, num_labels, repr(quantization_config), cfg.model.pooling, tag)
+    return cached(key, lambda: load_model(path, task, num_labels, quantization_config, pooling=cfg.model.pooling))
 
 
 def client_profile(cfg: RunConfig, node_config: dict[str, Any]):
@@ -151,30 +167,74 @@ def optimizer_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, params:
     return float(loss.detach())
 
 
+def optimizer_groups(named: list[tuple[str, torch.nn.Parameter]], lr: float, head_lr: float,
+                     head_modules: list[str]) -> list[dict[str, Any]]:
+    """AdamW parameter groups: the head's parameters (``is_head_parameter``) at ``head_lr``, the rest at ``lr``;
+    one group in the model's order when ``head_lr`` is 0 (= ``lr``) or there is no head."""
+    from pollinate.common.adapters import is_head_parameter  # imports peft: only runs that set a head lr pay
+
+    head = [p for name, p in named if is_head_parameter(name, head_modules)] if head_lr > 0 else []
+    if not head:
+        return [{"params": [p for _, p in named], "lr": lr}]
+    head_ids = {id(p) for p in head}
+    return [{"params": [p for _, p in named if id(p) not in head_ids], "lr": lr}, {"params": head, "lr": head_lr}]
+
+
+def proximal_term(params: list[torch.nn.Parameter], mu: float):
+    """FedProx (Li et al. 2020): a function giving ``mu/2 · ||w - w_start||²`` over ``params``, ``w_start`` their
+    values now (the round's start); None when ``mu`` is 0."""
+    if mu <= 0:
+        return None
+    anchors = [p.detach().clone() for p in params]
+
+    def term() -> torch.Tensor:
+        return 0.5 * mu * sum(torch.sum((p - a) ** 2) for p, a in zip(params, anchors, strict=True))
+
+    return term
+
+
 def train_steps(model: torch.nn.Module, batches, steps: int, lr: float, weight_decay: float,
-                max_grad_norm: float) -> dict[str, float]:
-    """The local loop: batches in, loss, backward, clip, step; mean loss and seconds out."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+                max_grad_norm: float, *, head_lr: float = 0.0, head_modules: list[str] | None = None,
+                prox_mu: float = 0.0) -> dict[str, float]:
+    """The local loop: batches in, loss (+ the FedProx term when ``prox_mu`` > 0), backward, clip, step; mean
+    task loss and seconds out. ``head_modules``' parameters train at ``head_lr`` (0 = ``lr``)."""
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
+    groups = optimizer_groups(named, lr, head_lr, head_modules or [])
+    optimizer = torch.optim.AdamW(groups if len(groups) > 1 else params, lr=lr, weight_decay=weight_decay)
+    proximal = proximal_term(params, prox_mu)
     model.train()
     losses = []
     device = model_device(model)
     start = time.perf_counter()
     for _ in range(steps):
         batch = {k: v.to(device) for k, v in batches.next_batch().items()}
-        losses.append(optimizer_step(optimizer, training_loss(model, batch), params, max_grad_norm))
+        loss = training_loss(model, batch)
+        optimizer_step(optimizer, loss if proximal is None else loss + proximal(), params, max_grad_norm)
+        losses.append(float(loss.detach()))
     return {"train_loss": sum(losses) / len(losses), "train_seconds": time.perf_counter() - start}
+
+
+def head_modules_for(cfg: RunConfig) -> list[str]:
+    """The modules ``train.head_lr`` applies to in this run (the classifier head, and a CLS pooler)."""
+    from pollinate.common.adapters import head_module_names  # imports peft: only runs that set a head lr pay
+
+    path, task = model_task(cfg)
+    return head_module_names(task, resolve_pooling(cfg.model.pooling, path))
 
 
 def local_training(cfg: RunConfig, data: LocalData, model: torch.nn.Module, server_round: int,
                    batch_size: int | None = None, steps: int | None = None) -> dict[str, float]:
     """This client's round of local steps (default ``train.local_steps``/``batch_size``): seeded, so the same
-    seed + round + client gives the same batches and dropout."""
+    seed + round + client gives the same batches and dropout. ``cfg.train.lr``/``head_lr`` are the round's (the
+    client app applies the server's ``lr-scale``)."""
     seed_everything(cfg, server_round, data.client_id)
     batches = ExampleStream(data.encoded, batch_size or cfg.train.batch_size, tokenizer_for(cfg).pad_token_id,
                             seed=derive_seed(cfg.federation.seed, "client-batches", server_round, data.client_id))
-    return train_steps(model, batches, steps or cfg.train.local_steps, cfg.train.lr, cfg.train.weight_decay,
-                       cfg.train.max_grad_norm)
+    train = cfg.train
+    return train_steps(model, batches, steps or train.local_steps, train.lr, train.weight_decay, train.max_grad_norm,
+                       head_lr=train.head_lr, head_modules=head_modules_for(cfg) if train.head_lr > 0 else None,
+                       prox_mu=train.prox_mu)
 
 
 def training_reply(cfg: RunConfig, node_config: dict[str, Any], data: LocalData, stats: dict[str, float],
@@ -194,3 +254,17 @@ def training_reply(cfg: RunConfig, node_config: dict[str, Any], data: LocalData,
         "compute_seconds": timing["compute_seconds"] + server_seconds, **stats, **metrics,
     })
     return RecordDict({"arrays": arrays, "metrics": record, "profile": timing["profile"]})
+
+
+def evaluation_reply(cfg: RunConfig, data: LocalData, model: torch.nn.Module | None = None) -> RecordDict:
+    """The one reply shape of client-side evaluation: ``metrics`` with ``num-examples`` (held-out examples
+    evaluated; 0 when the client holds none or no ``model`` is given), ``client_id``, and ``model``'s
+    ``eval_loss`` and task metric (``accuracy`` or ``exact_match``) on this client's held-out examples."""
+    values: dict[str, Any] = {"num-examples": 0, "client_id": data.client_id}
+    if model is not None and data.eval_encoded:
+        examples = EvalExamples(data.task_type, data.eval_rows, data.eval_encoded)
+        result = evaluate_model(model, examples, tokenizer_for(cfg), cfg.eval.batch_size, cfg.eval.max_new_tokens)
+        name = metric_name(data.task_type)
+        values.update({"num-examples": len(data.eval_encoded), "eval_loss": float(result["eval_loss"]),
+                       name: float(result["eval_metrics"][name])})
+    return RecordDict({"metrics": MetricRecord(values)})

@@ -11,16 +11,33 @@ from pollinate.common.config import LoraConfig
 from pollinate.common.models import FAMILY_DEFAULT_TARGETS
 
 
+def head_module_names(task: str, pooling: str) -> list[str]:
+    """Modules trained in full next to the LoRA factors (and communicated with them): a classifier's head, and
+    with CLS pooling its pooler too (the checkpoint's pooler was not trained for the task); none for generation.
+    ``pooling`` is the resolved one (``common.pooling.resolve_pooling``)."""
+    if task == "generation":
+        return []
+    return ["classifier", "pooler"] if pooling == "cls" else ["classifier"]
+
+
 def peft_lora_config(lora: LoraConfig, family: str, task: str, *, rank_pattern: dict[str, int] | None = None,
-                     alpha_pattern: dict[str, float] | None = None,
-                     target_modules: list[str] | None = None) -> PeftLoraConfig:
-    """Pollinate's [lora] section -> a peft LoraConfig (family default targets when none are configured)."""
+                     alpha_pattern: dict[str, float] | None = None, target_modules: list[str] | None = None,
+                     head_modules: list[str] | None = None) -> PeftLoraConfig:
+    """Pollinate's [lora] section -> a peft LoraConfig (family default targets when none are configured);
+    ``head_modules`` (see :func:`head_module_names`) are trained in full."""
     targets = target_modules or lora.target_modules or FAMILY_DEFAULT_TARGETS[family]
     return PeftLoraConfig(
         r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
-        rank_pattern=rank_pattern or {}, alpha_pattern=alpha_pattern or {},
+        rank_pattern=rank_pattern or {}, alpha_pattern=alpha_pattern or {}, modules_to_save=head_modules or None,
         task_type=TaskType.CAUSAL_LM if task == "generation" else TaskType.SEQ_CLS,
     )
+
+
+def is_head_parameter(name: str, head_modules: list[str]) -> bool:
+    """Whether the parameter ``name`` belongs to a fully trained head module (peft's ``modules_to_save`` copy,
+    or the module itself in a model without peft): ``train.head_lr`` applies to these."""
+    parts = name.split(".")
+    return "modules_to_save" in parts or any(module in parts for module in head_modules)
 
 
 def wrap_with_lora(base: torch.nn.Module, config: PeftLoraConfig) -> PeftModel:

@@ -43,10 +43,15 @@ class ModelConfig:
         default="smollm2-135m",
     )
     max_seq_len: int = config_field("Truncate tokenized examples to this many tokens", default=64)
+    pooling: str = config_field(
+        "Classification: how an encoder's tokens become one vector: auto (the model's sentence-transformers "
+        "pooling when it ships one, e.g. mean for all-MiniLM; else cls) | mean | cls (the [CLS] pooler, trained)",
+        default="auto")
 
     def __post_init__(self) -> None:
         require(bool(self.name), "model.name", self.name, "a preset name or a model directory")
         require(8 <= self.max_seq_len <= 8192, "model.max_seq_len", self.max_seq_len, "an int in [8, 8192]")
+        one_of("model.pooling", self.pooling, ("auto", "mean", "cls"))
 
 
 @dataclass
@@ -54,7 +59,8 @@ class DataConfig:
     """Where examples come from and how they are split over clients."""
 
     source: str = config_field(
-        "Built-in task name (skills), a .jsonl/.csv file, or a Hugging Face dataset saved with save_to_disk",
+        "Built-in task name (skills), a .jsonl/.csv file, a directory of them (read in name order), or a Hugging "
+        "Face dataset saved with save_to_disk",
         default="skills",
     )
     task_type: str = config_field("generation | classification | auto (from the model/data)", default="auto")
@@ -71,7 +77,9 @@ class DataConfig:
     dirichlet_alpha: float = config_field("Concentration for dirichlet partitioning (smaller = more skewed)",
                                           default=0.5)
     classes_per_client: int = config_field("Classes/skills per client for pathological partitioning", default=1)
-    train_examples: int = config_field("Built-in task: training examples to generate (0 = all of a file)", default=800)
+    builtin_examples: int = config_field("Built-in task: training examples to generate", default=800)
+    max_train_examples: int = config_field(
+        "Use at most this many training examples of the source (after the eval split; 0 = all)", default=0)
     eval_examples: int = config_field("Held-out examples evaluated on the server each round", default=60)
     eval_fraction: float = config_field("Files without a split: fraction held out for evaluation", default=0.1)
 
@@ -80,12 +88,14 @@ class DataConfig:
         one_of("data.partition", self.partition, ("iid", "dirichlet", "pathological"))
         require(self.dirichlet_alpha > 0, "data.dirichlet_alpha", self.dirichlet_alpha, "a float > 0")
         require(self.classes_per_client >= 1, "data.classes_per_client", self.classes_per_client, "an int >= 1")
-        require(self.train_examples >= 0, "data.train_examples", self.train_examples, "an int >= 0")
+        require(self.builtin_examples >= 1, "data.builtin_examples", self.builtin_examples, "an int >= 1")
+        require(self.max_train_examples >= 0, "data.max_train_examples", self.max_train_examples, "an int >= 0")
         require(self.eval_examples >= 1, "data.eval_examples", self.eval_examples, "an int >= 1")
         require(0 < self.eval_fraction < 1, "data.eval_fraction", self.eval_fraction, "a float in (0, 1)")
 
 
 AGGREGATORS = ("fedavg", "median", "trimmed-mean", "krum", "multi-krum")
+SERVER_OPTIMIZERS = ("fedavg", "fedavgm", "fedadam", "fedyogi")
 
 
 @dataclass
@@ -120,6 +130,16 @@ class FederationConfig:
     byzantine_clients: int = config_field(
         "Malicious clients per round the robust aggregators tolerate (trimmed each side; Krum's f)", server_only=True,
         default=1)
+    server_optimizer: str = config_field(
+        "How the aggregated update moves the global model: fedavg (global += update) | fedavgm (server "
+        "momentum) | fedadam | fedyogi (adaptive, Reddi et al. 2021)", server_only=True, default="fedavg")
+    server_lr: float = config_field("Server learning rate (fedavgm/fedadam/fedyogi; fedavg is 1)", server_only=True,
+                                    default=1.0)
+    server_momentum: float = config_field("fedavgm momentum; beta1 of fedadam/fedyogi", server_only=True,
+                                          default=0.9)
+    server_beta2: float = config_field("beta2 of fedadam/fedyogi", server_only=True, default=0.99)
+    server_tau: float = config_field("Adaptivity tau of fedadam/fedyogi (added to the root of the second moment)",
+                                     server_only=True, default=1e-3)
 
     def __post_init__(self) -> None:
         require(self.clients >= 1, "federation.clients", self.clients, "an int >= 1")
@@ -138,6 +158,11 @@ class FederationConfig:
                 self.relative_norm_bound, "0 (off) or a float >= 1")
         one_of("federation.aggregator", self.aggregator, AGGREGATORS)
         require(self.byzantine_clients >= 0, "federation.byzantine_clients", self.byzantine_clients, "an int >= 0")
+        one_of("federation.server_optimizer", self.server_optimizer, SERVER_OPTIMIZERS)
+        require(self.server_lr > 0, "federation.server_lr", self.server_lr, "a float > 0")
+        require(0 <= self.server_momentum < 1, "federation.server_momentum", self.server_momentum, "a float in [0, 1)")
+        require(0 <= self.server_beta2 < 1, "federation.server_beta2", self.server_beta2, "a float in [0, 1)")
+        require(self.server_tau > 0, "federation.server_tau", self.server_tau, "a float > 0")
 
 
 @dataclass
@@ -149,6 +174,19 @@ class TrainConfig:
     lr: float = config_field("AdamW learning rate", default=1e-3)
     weight_decay: float = config_field("AdamW weight decay", default=0.0)
     max_grad_norm: float = config_field("Clip gradients to this norm (0 = no clipping)", default=1.0)
+    head_lr: float = config_field(
+        "Classification: learning rate of the trained head (classifier, and the pooler with CLS pooling); "
+        "0 = train.lr", default=0.0)
+    prox_mu: float = config_field("FedProx: weight of the proximal term mu/2 * ||w - w_global||^2 (0 = off)",
+                                  default=0.0)
+    lr_schedule: str = config_field(
+        "Learning rate across rounds: constant | cosine | linear (decay from train.lr to train.min_lr_ratio x lr "
+        "over federation.rounds, after train.warmup_rounds of linear warmup)", server_only=True,
+        default="constant")
+    warmup_rounds: int = config_field("Rounds of linear learning-rate warmup before the schedule", server_only=True,
+                                      default=0)
+    min_lr_ratio: float = config_field("The schedule's final learning rate as a fraction of train.lr",
+                                       server_only=True, default=0.1)
 
     def __post_init__(self) -> None:
         require(self.local_steps >= 1, "train.local_steps", self.local_steps, "an int >= 1")
@@ -156,6 +194,11 @@ class TrainConfig:
         require(self.lr > 0, "train.lr", self.lr, "a float > 0")
         require(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, "a float >= 0")
         require(self.max_grad_norm >= 0, "train.max_grad_norm", self.max_grad_norm, "a float >= 0")
+        require(self.head_lr >= 0, "train.head_lr", self.head_lr, "a float >= 0 (0 = train.lr)")
+        require(self.prox_mu >= 0, "train.prox_mu", self.prox_mu, "a float >= 0")
+        one_of("train.lr_schedule", self.lr_schedule, ("constant", "cosine", "linear"))
+        require(self.warmup_rounds >= 0, "train.warmup_rounds", self.warmup_rounds, "an int >= 0")
+        require(0 <= self.min_lr_ratio <= 1, "train.min_lr_ratio", self.min_lr_ratio, "a float in [0, 1]")
 
 
 @dataclass
@@ -184,10 +227,17 @@ class EvalConfig:
 
     batch_size: int = config_field("Examples per evaluation batch", default=20)
     max_new_tokens: int = config_field("Generation: tokens generated for exact-match scoring", default=8)
+    client_fraction: float = config_field(
+        "Federated evaluation: fraction of each client's examples it holds out (never trains on) and evaluates "
+        "the global model on every round (0 = off)", default=0.1)
+    client_max_examples: int = config_field("Federated evaluation: at most this many held-out examples per client",
+                                            default=50)
 
     def __post_init__(self) -> None:
         require(self.batch_size >= 1, "eval.batch_size", self.batch_size, "an int >= 1")
         require(self.max_new_tokens >= 1, "eval.max_new_tokens", self.max_new_tokens, "an int >= 1")
+        require(0 <= self.client_fraction < 1, "eval.client_fraction", self.client_fraction, "a float in [0, 1)")
+        require(self.client_max_examples >= 1, "eval.client_max_examples", self.client_max_examples, "an int >= 1")
 
 
 @dataclass
@@ -203,7 +253,12 @@ class OutputConfig:
 # Method sections and method names, filled by ``pollinate.methods.register_method`` (this module knows no method).
 METHOD_SECTIONS: dict[str, type] = {}
 METHOD_NAMES: list[str] = []
-CORE_CLIENT_SECTIONS = ("model", "data", "federation", "train")
+CORE_CLIENT_SECTIONS = ("model", "data", "federation", "train", "eval")
+# Keys that no longer exist -> what replaced them (the error names the fix).
+RENAMED_KEYS = {
+    "data.train_examples": "data.builtin_examples (the built-in task's size) or data.max_train_examples (a cap on "
+                           "a file's rows; files are used in full by default)",
+}
 
 
 def register_method_config(method: str, section: str | None, section_cls: type | None) -> None:

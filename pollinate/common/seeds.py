@@ -39,6 +39,8 @@ SEED_STREAMS: dict[str, SeedStream] = {
     "client-scoring-batches": SeedStream(1, (1,)),
     # what the server draws afresh each round (e.g. new adapter factors), per round
     "server-round": SeedStream(1_000_003, (1,)),
+    # which of a client's rows it holds out for client-side evaluation, per client
+    "client-eval-rows": SeedStream(104_729, (7_927,), offset=3),
     # the built-in task's held-out examples (the training examples use the run seed itself)
     "eval-examples": SeedStream(1, (), offset=1_000_003),
 }

@@ -2,8 +2,8 @@
 
 ``run_server`` is shared by simulation (called in-process) and deployment (``main``, run by the SuperLink's
 ServerApp process with the coordinator's run config). With ``resume`` it continues a run directory from its
-last complete checkpoint: same global state, report history and server RNG state (a method prepares again),
-with the strategy's round numbers continuing where they stopped.
+last complete checkpoint: same global state, report history, server optimizer and RNG state (a method prepares
+again), with the strategy's round numbers continuing where they stopped.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def server_half(method: str):
 
 
 def run_server(grid: Grid, cfg: RunConfig, run_dir: Path, quiet: bool = False, resume: bool = False,
-               deployment: Deployment | None = None) -> dict[str, Any]:
+               deployment: Deployment | None = None, data: dict[str, Any] | None = None) -> dict[str, Any]:
     """One complete federated run on ``grid``; returns the report (also written to ``run_dir``).
 
     Parameters
@@ -53,6 +53,8 @@ def run_server(grid: Grid, cfg: RunConfig, run_dir: Path, quiet: bool = False, r
         Real SuperNodes (the coordinator's network facts): wait until ``federation.clients`` have joined, then
         let later rounds go on with the nodes still connected (at least ``min_clients``), so a client that left
         does not stall the run.
+    data : dict or None, default None
+        What the run's header reports of the data (simulation: examples in training, eval and per client).
     """
     run_dir = Path(run_dir)
     point = find_resume_point(run_dir, cfg) if resume else None
@@ -61,7 +63,7 @@ def run_server(grid: Grid, cfg: RunConfig, run_dir: Path, quiet: bool = False, r
     header = {
         "method": cfg.method, "model": cfg.model.name, "model_path": resolve_model(cfg.model.name).path,
         "task": cfg.data.source, "num_clients": cfg.federation.clients, "rounds_planned": cfg.federation.rounds,
-        "seed": cfg.federation.seed,
+        "seed": cfg.federation.seed, **({"data": data} if data else {}),
     }
     recorder = RunRecorder(run_dir, header, quiet=quiet)
     if point is None:
@@ -74,6 +76,7 @@ def run_server(grid: Grid, cfg: RunConfig, run_dir: Path, quiet: bool = False, r
         if point is not None:
             strategy.round_offset = point.server_round
             recorder.restore(point.history, point.server_round)
+            point.restore_optimizer(strategy.server_optimizer)
             initial = arrays_to_record(point.arrays)
         if deployment is not None:
             wait_for_clients(grid, cfg.federation.clients, recorder)

@@ -1,6 +1,7 @@
 """Atomic per-round checkpoints of the global state, and resuming from them.
 
-Layout: ``checkpoints/round-NNNN/{global.safetensors, state.json}``. Each round is written
+Layout: ``checkpoints/round-NNNN/{global.safetensors, state.json}`` (and ``server_optimizer.safetensors`` when
+``federation.server_optimizer`` keeps state, e.g. FedAdam's moments). Each round is written
 into a temporary directory, fsynced, then renamed into place, so a crash at any moment leaves only complete
 rounds; ``latest_round`` finds the newest one to resume from.
 
@@ -24,9 +25,11 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from pollinate.common.config import ConfigError, RunConfig
+from pollinate.server.server_optimizer import ServerOptimizer
 
 GLOBAL_FILE = "global.safetensors"
 STATE_FILE = "state.json"
+OPTIMIZER_FILE = "server_optimizer.safetensors"
 STATE_VERSION = 1
 # Output settings say where results go, not what they are: a resumed copy of a run may live elsewhere.
 _NOT_HASHED = ("output",)
@@ -53,14 +56,18 @@ def _fsync_file(path: Path) -> None:
         os.fsync(fh.fileno())
 
 
-def save_round(run_dir: Path, server_round: int, arrays: dict[str, np.ndarray], state: dict[str, Any]) -> Path:
-    """Write one round's checkpoint atomically."""
+def save_round(run_dir: Path, server_round: int, arrays: dict[str, np.ndarray], state: dict[str, Any],
+               optimizer_state: dict[str, np.ndarray] | None = None) -> Path:
+    """Write one round's checkpoint atomically (with the server optimizer's state when there is one)."""
     target = round_dir(run_dir, server_round)
     tmp = target.with_name(target.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(tmp / GLOBAL_FILE))
     _fsync_file(tmp / GLOBAL_FILE)
+    if optimizer_state is not None:
+        save_file({k: np.ascontiguousarray(v) for k, v in optimizer_state.items()}, str(tmp / OPTIMIZER_FILE))
+        _fsync_file(tmp / OPTIMIZER_FILE)
     with open(tmp / STATE_FILE, "w") as fh:
         json.dump(state, fh)
         fh.flush()
@@ -82,6 +89,12 @@ def latest_round(run_dir: Path) -> int | None:
 def load_round(run_dir: Path, server_round: int) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     directory = round_dir(run_dir, server_round)
     return load_file(str(directory / GLOBAL_FILE)), json.loads((directory / STATE_FILE).read_text())
+
+
+def load_optimizer_state(run_dir: Path, server_round: int) -> dict[str, np.ndarray] | None:
+    """The server optimizer's state saved with a round; None when the run had none."""
+    path = round_dir(run_dir, server_round) / OPTIMIZER_FILE
+    return load_file(str(path)) if path.is_file() else None
 
 
 # --- what state.json holds ---------------------------------------------------------------------------------
@@ -138,12 +151,25 @@ class ResumePoint:
         The global state after that round.
     state : dict
         The round's ``state.json``.
+    optimizer_state : dict of str to ndarray or None, default None
+        The server optimizer's state after that round (None: the run has no server optimizer state).
     """
 
-    def __init__(self, server_round: int, arrays: dict[str, np.ndarray], state: dict[str, Any]):
+    def __init__(self, server_round: int, arrays: dict[str, np.ndarray], state: dict[str, Any],
+                 optimizer_state: dict[str, np.ndarray] | None = None):
         self.server_round = server_round
         self.arrays = arrays
         self.state = state
+        self.optimizer_state = optimizer_state
+
+    def restore_optimizer(self, optimizer: ServerOptimizer | None) -> None:
+        """Give the run's server optimizer (None: it has none) the state saved with this round."""
+        if optimizer is None:
+            return
+        if self.optimizer_state is None:
+            raise ResumeError(f"cannot resume: checkpoint round {self.server_round} has no {OPTIMIZER_FILE} for "
+                              f"federation.server_optimizer = {optimizer.name!r}")
+        optimizer.load_state(self.optimizer_state)
 
     @property
     def history(self) -> dict[str, Any]:
@@ -188,7 +214,7 @@ def find_resume_point(run_dir: Path, cfg: RunConfig) -> ResumePoint:
         more = f" (and {len(diffs) - 1} more)" if len(diffs) > 1 else ""
         raise ResumeError(f"cannot resume '{run_dir}': the config differs from the checkpoint's at {detail}{more}. "
                           "Resume with the run's own config (omit --config to use its config.toml).")
-    return ResumePoint(last, arrays, state)
+    return ResumePoint(last, arrays, state, load_optimizer_state(run_dir, last))
 
 
 def saved_config(run_dir: Path) -> Path:

@@ -8,8 +8,9 @@
   and within ``federation.update_norm_bound`` and ``relative_norm_bound`` × the round's median. Any error
   while checking one reply is that reply's rejection (metrics.jsonl + report) and the round goes on; a round
   with fewer accepted replies than ``min_clients`` keeps the previous global;
-- after each round (Flower calls ``evaluate_fn``) the global model is evaluated, the round is recorded and
-  checkpointed (with the report history and RNG states, so a run resumes);
+- after each round's training the nodes that trained evaluate the new global on their held-out examples
+  (``evaluate_content``, ``server.client_eval``); then (Flower calls ``evaluate_fn``) the server evaluates it,
+  the round is recorded with both and checkpointed (with the report history and RNG states, so a run resumes);
 - a node that does not reply within the round timeout is dropped from that round and named in the report.
 A resumed run sets ``round_offset``: Flower counts its rounds from 1, and the Flower-facing hooks translate that
 once (``in_run_rounds``), so every method hook sees the run's true round number.
@@ -39,12 +40,17 @@ from rich.text import Text
 
 from pollinate.common.checks import UpdateRejected, check_arrays
 from pollinate.common.config import ConfigError, RunConfig
+from pollinate.common.data import resolve_task_type
+from pollinate.common.evaluation import metric_name
+from pollinate.common.lr_schedule import lr_scale_entry
+from pollinate.common.models import resolve_model
 from pollinate.common.profiles import ResourceProfile, comm_seconds
 from pollinate.common.report import RunRecorder, peer_text
 from pollinate.common.wire import arrays_to_record, record_to_arrays, wire_bytes
 from pollinate.methods import get_method
 from pollinate.server import robust
 from pollinate.server.checkpoint import round_state, save_round
+from pollinate.server.client_eval import ClientEvaluation
 from pollinate.server.deployment import Deployment
 from pollinate.server.identity import NodeIdentity
 from pollinate.server.replies import (
@@ -57,6 +63,7 @@ from pollinate.server.replies import (
     reply_metrics,
     reported_numbers,
 )
+from pollinate.server.server_optimizer import server_optimizer_for
 
 __all__ = ["PollinateStrategy", "Reply", "StateFedAvg", "UpdateRejected", "check_arrays", "rejection_reason"]
 
@@ -105,12 +112,15 @@ class PollinateStrategy(Strategy):
             raise ConfigError(f"federation.aggregator = {cfg.federation.aggregator!r} with "
                               f"{self.min_train_nodes} clients per round: {exc}") from exc
         self.global_arrays = ArrayRecord()
+        self.server_optimizer = server_optimizer_for(cfg.federation)  # None (fedavg): the aggregate is the global
         self.round_offset = 0  # rounds completed before this process started (resume)
         self._round_start = time.perf_counter()
         self._down: dict[int, int] = {}
         self._clients: list[dict[str, Any]] = []
         self._train_loss: float | None = None
         self._sent: list[Message] = []
+        task_type = resolve_task_type(cfg.data, resolve_model(cfg.model.name).default_task)
+        self.client_eval = ClientEvaluation(cfg, recorder, metric_name(task_type))
         # What a client half reads of the config: the core sections it uses and its method's own, no others.
         self.client_config = json.dumps(cfg.sections_for(get_method(cfg.method).client_sections), sort_keys=True)
 
@@ -160,6 +170,12 @@ class PollinateStrategy(Strategy):
         payloads override this."""
         return RecordDict({"arrays": arrays, "config": config})
 
+    def evaluate_content(self, node_id: int, server_round: int, arrays: ArrayRecord) -> RecordDict | None:
+        """What one client evaluates the global state with on its held-out examples (``None``: this method has
+        no client-side evaluation; nothing is sent)."""
+        config = ConfigRecord({"server-round": server_round, "run-config": self.client_config})
+        return RecordDict({"arrays": arrays, "config": config})
+
     def client_record(self, client_id: int, content: RecordDict, bytes_up: int, bytes_down: int) -> dict[str, Any]:
         """Per-client report fields from its reply and its Flower bytes (methods may add their own, e.g. bytes
         of another data plane); numbers only, read from the reply's metrics."""
@@ -200,7 +216,8 @@ class PollinateStrategy(Strategy):
         self._round_start = time.perf_counter()
         self._down, self._clients = {}, []
         self.global_arrays = arrays  # the global state this round starts from (aggregate may need it)
-        config = ConfigRecord({**dict(config), "server-round": server_round, "run-config": self.client_config})
+        config = ConfigRecord({**dict(config), "server-round": server_round, "run-config": self.client_config,
+                               **lr_scale_entry(self.cfg.train, server_round, self.cfg.federation.rounds)})
         messages = []
         for node_id in self.sample(grid):
             content = self.train_content(node_id, server_round, arrays, config)
@@ -252,12 +269,21 @@ class PollinateStrategy(Strategy):
                                  f"{self.cfg.federation.round_timeout_s:g} s")
         return self._aggregate(server_round, accepted)
 
+    @in_run_rounds
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
-        return []  # the server evaluates the global model itself (``end_round``)
+        """Client-side evaluation of the new global state (``eval.client_fraction`` > 0) by the nodes that
+        answered this round's training; Flower calls it after ``aggregate_train`` and before ``end_round``."""
+        if not self.cfg.eval.client_fraction:
+            self.client_eval.reset()
+            return []
+        trained = {record["client_id"] for record in self._clients}
+        nodes = [node_id for node_id in sorted(self._down) if self._name(node_id) in trained]
+        return self.client_eval.messages(nodes, lambda node_id: self.evaluate_content(node_id, server_round, arrays))
 
+    @in_run_rounds
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        return None
+        return self.client_eval.collect(server_round, replies, self.identity)
 
     @in_run_rounds
     def end_round(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
@@ -278,11 +304,13 @@ class PollinateStrategy(Strategy):
             "bytes_down": sum(c["bytes_down"] for c in self._clients),
             "seconds": round(time.perf_counter() - self._round_start, 3),
             **self.round_fields(),
+            **self.client_eval.round_fields(),
             "clients": sorted(self._clients, key=_client_order),
         }
         self.recorder.round_done(record)
         state = round_state(server_round, self.cfg, self.recorder.history())
-        save_round(self.run_dir, server_round, record_to_arrays(arrays), state)
+        save_round(self.run_dir, server_round, record_to_arrays(arrays), state,
+                   None if self.server_optimizer is None else self.server_optimizer.state())
         return MetricRecord({"eval_loss": evaluation["eval_loss"]})
 
     # --- one reply ------------------------------------------------------------------------------------
@@ -384,7 +412,8 @@ def _client_order(record: dict[str, Any]) -> tuple[int, int, str]:
 class StateFedAvg(PollinateStrategy):
     """A method whose global state is a fixed set of named fp32 tensors that every client receives and returns in
     full: replies are checked against ``self.shapes``; an update is the change of the global state; the new
-    global is the example-weighted mean (``fedavg``) or the global plus the robust aggregate of the changes."""
+    global is the example-weighted mean (``fedavg``) or the global plus the robust aggregate of the changes,
+    then moved by ``federation.server_optimizer`` when it is not ``fedavg``."""
 
     shapes: dict[str, tuple[int, ...]]
 
@@ -401,4 +430,8 @@ class StateFedAvg(PollinateStrategy):
     def aggregate(self, server_round: int, replies: list[Reply]) -> ArrayRecord:
         # Every aggregator is translation-equivariant (robust.py): combining states = global + combined changes.
         states = [reply.update for reply in replies]
-        return arrays_to_record(self.combine(states, [float(reply.num_examples) for reply in replies]))
+        combined = self.combine(states, [float(reply.num_examples) for reply in replies])
+        if self.server_optimizer is None:
+            return arrays_to_record(combined)
+        return arrays_to_record(self.server_optimizer.step(record_to_arrays(self.global_arrays), combined,
+                                                           server_round))

@@ -2,19 +2,23 @@
 
 Each method runs in its own ``pollinate simulate`` process (a fresh Ray cluster, so no method inherits another's
 caches or memory), into ``<out>/<method>/``. The bench then writes ``<out>/bench.json``, ``<out>/bench.md`` (the
-table) and plots (eval loss vs cumulative bytes; totals per method). Optionally it probes client peak memory per
+table) and plots (eval loss vs cumulative bytes; totals per method). With ``--centralized`` it also runs the
+baseline method as one client on the union of the clients' data (``pollinate.simulations.centralized``) and relates
+every method's final metric and eval loss to both references. Optionally it probes client peak memory per
 base-weight precision in fresh processes (``--memory-probe``), since simulated clients share Ray actors.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 from pollinate.common.report import atomic_write_text, headline_metric, human_bytes
+from pollinate.simulations.centralized import REFERENCES
 
 
 def run_method(method: str, run_args: list[str], out: Path) -> dict[str, Any]:
@@ -37,14 +41,16 @@ def bytes_to_reach(report: dict[str, Any], target_loss: float) -> int | None:
     return None
 
 
-def summarize(report: dict[str, Any], baseline_final_loss: float) -> dict[str, Any]:
+def summarize(report: dict[str, Any], baseline_final_loss: float, name: str | None = None) -> dict[str, Any]:
+    """One bench row of a run's report; ``name`` labels it (default the report's method)."""
     rounds = report["rounds"]
     last = rounds[-1]
     metric_name, metric = headline_metric(last["eval_metrics"])
     under = [r["under_training_rate"] for r in rounds if r.get("under_training_rate") is not None]
     clients = [c for r in rounds for c in r["clients"]]
+    client_mean, client_worst = client_eval_stats(last, metric_name)
     return {
-        "method": report["method"],
+        "method": name or report["method"],
         "bytes_up": report["totals"]["bytes_up"], "bytes_down": report["totals"]["bytes_down"],
         "bytes_total": report["totals"]["bytes_up"] + report["totals"]["bytes_down"],
         "bytes_to_baseline_loss": bytes_to_reach(report, baseline_final_loss),
@@ -55,7 +61,47 @@ def summarize(report: dict[str, Any], baseline_final_loss: float) -> dict[str, A
         # What the devices computed, summed over clients and rounds (split methods: without the server's body).
         "client_compute_seconds": sum(c.get("client_compute_seconds", c.get("train_seconds", 0.0)) for c in clients),
         "under_training_rate": _mean(under),
+        "train_rows": train_rows(report),
+        "client_eval_mean": client_mean, "client_eval_worst": client_worst,
+        "metric_per_round": [headline_metric(r["eval_metrics"])[1] for r in rounds],
+        "eval_loss_per_round": [r["eval_loss"] for r in rounds],
     }
+
+
+def train_rows(report: dict[str, Any]) -> int | None:
+    """Examples the run's clients trained on together: each client's stated count, once per client."""
+    counts = {c["client_id"]: c["num_examples"] for r in report["rounds"] for c in r["clients"]
+              if "client_id" in c and "num_examples" in c}
+    return sum(counts.values()) if counts else None
+
+
+def client_eval_stats(record: dict[str, Any], metric: str) -> tuple[float | None, float | None]:
+    """Mean and worst client's ``metric`` in one round record's ``client_eval`` (``{mean: {...}, worst: {...}}``);
+    None where the run did not evaluate on clients."""
+    stats = record.get("client_eval")
+    if not isinstance(stats, dict):
+        return None, None
+    return _stat(stats.get("mean"), metric), _stat(stats.get("worst"), metric)
+
+
+def _stat(entry: Any, metric: str) -> float | None:
+    value = entry.get(metric) if isinstance(entry, dict) else None
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def relate_to_references(rows: list[dict[str, Any]]) -> None:
+    """Add each row's final metric and eval loss divided by every centralized reference's (None if not defined)."""
+    for ref in (r for r in rows if r["method"] in REFERENCES):
+        key = ref["method"].replace("-", "_")
+        for row in rows:
+            row[f"metric_vs_{key}"] = _ratio(row["final_metric"], ref["final_metric"])
+            row[f"eval_loss_vs_{key}"] = _ratio(row["final_eval_loss"], ref["final_eval_loss"])
+
+
+def _ratio(value: float, reference: float) -> float | None:
+    if not (math.isfinite(value) and math.isfinite(reference)) or reference == 0:
+        return None
+    return value / reference
 
 
 def _mean(values: list[float]) -> float | None:
@@ -76,14 +122,51 @@ def probe_memory(model: str, bits: list[int], rank: int, batch_size: int, seq_le
 
 
 def write_bench(out: Path, rows: list[dict[str, Any]], reports: dict[str, dict], memory: dict | None,
-                per_method: dict[str, list[str]] | None = None, compute_baseline: str | None = None) -> None:
+                per_method: dict[str, list[str]] | None = None, compute_baseline: str | None = None,
+                references: dict[str, list[str]] | None = None) -> None:
+    """bench.md (header, cost table, learning-quality table, per-round curves), bench.json and the plot."""
     baseline = rows[0]
-    full = next((r for r in rows if r["method"] == compute_baseline), None)
     lines = ["# Pollinate bench", "",
              f"Same model, data, partition, seeds and scenario for every method; baseline: `{baseline['method']}`.",
              *[f"Only for `{m}`: " + ", ".join(f"`{o}`" for o in overrides) + "."
                for m, overrides in (per_method or {}).items()],
-             "", "| method | bytes up | bytes down | total | × baseline | bytes to baseline loss | final eval loss |"
+             *(reference_note(baseline["method"], references) if references else []),
+             "", *cost_table(rows, compute_baseline)]
+    if memory:
+        lines += ["", "Client peak training memory by base precision (fresh process each; MiB above the process "
+                  "after imports):", "", "| bits | peak MiB | × fp32 |", "|---:|---:|---:|"]
+        ref = memory.get(32, {}).get("peak_mib")
+        for b, m in sorted(memory.items(), reverse=True):
+            rel = f"{m['peak_mib'] / ref:.2f}" if ref else "-"
+            lines.append(f"| {b} | {m['peak_mib']:.0f} | {rel} |")
+    lines += ["", *quality_table(rows), "", *round_tables(rows)]
+    lines += ["", "![eval loss vs bytes](bench_loss_vs_bytes.png)"]
+    _plot(out, reports)
+    atomic_write_text(out / "bench.md", "\n".join(lines) + "\n")
+    atomic_write_text(out / "bench.json", json.dumps(
+        {"rows": rows, "memory": memory, "per_method": per_method or {}, "references": references or {}},
+        indent=2))
+
+
+def reference_note(baseline: str, references: dict[str, list[str]]) -> list[str]:
+    """The header's account of what the centralized references are, with their exact overrides."""
+    return [
+        "", f"Centralized references: `{baseline}` (with its own overrides) as ONE client holding every training row "
+        "the federated clients hold together (same data source, `data.max_train_examples` cap, eval split, seed "
+        "and batch size): `centralized-total` takes per round as many optimizer steps as all sampled clients "
+        "together, `centralized-sequential` as many as one client. The federated clients each hold out "
+        "`eval.client_fraction` of their rows (at most `eval.client_max_examples`) for client-side evaluation and "
+        "do not train on them; the centralized client holds out none, so it trains on up to that many more rows "
+        "(the `train rows` column). Federation-only mechanisms are off in the references (aggregator and server "
+        "optimizer fedavg, no FedProx term, no update norm bounds, uniform scenario).",
+        "", *[f"- `{name}`: " + ", ".join(f"`{o}`" for o in overrides) for name, overrides in references.items()],
+    ]
+
+
+def cost_table(rows: list[dict[str, Any]], compute_baseline: str | None) -> list[str]:
+    baseline = rows[0]
+    full = next((r for r in rows if r["method"] == compute_baseline), None)
+    lines = ["| method | bytes up | bytes down | total | × baseline | bytes to baseline loss | final eval loss |"
              f" metric | round s | client round s | client compute s | × {compute_baseline or '-'} | peak RSS |"
              " under-training |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -100,18 +183,49 @@ def write_bench(out: Path, rows: list[dict[str, Any]], reports: dict[str, dict],
             f"{row['metric']} {row['final_metric']:.3f} | {row['mean_round_seconds']:.1f} | {client_s} | "
             f"{row['client_compute_seconds']:.1f} | {compute_rel} | "
             f"{row['max_client_peak_rss_bytes'] / 2**20:.0f} MiB | {under} |")
-    if memory:
-        lines += ["", "Client peak training memory by base precision (fresh process each; MiB above the process "
-                  "after imports):", "", "| bits | peak MiB | × fp32 |", "|---:|---:|---:|"]
-        ref = memory.get(32, {}).get("peak_mib")
-        for b, m in sorted(memory.items(), reverse=True):
-            rel = f"{m['peak_mib'] / ref:.2f}" if ref else "-"
-            lines.append(f"| {b} | {m['peak_mib']:.0f} | {rel} |")
-    lines += ["", "![eval loss vs bytes](bench_loss_vs_bytes.png)"]
-    _plot(out, reports)
-    atomic_write_text(out / "bench.md", "\n".join(lines) + "\n")
-    atomic_write_text(out / "bench.json", json.dumps({"rows": rows, "memory": memory, "per_method": per_method or {}},
-                                                     indent=2))
+    return lines
+
+
+def quality_table(rows: list[dict[str, Any]]) -> list[str]:
+    """Final metric and eval loss, each beside its ratio to both centralized references ('-' without them);
+    the last round's client-side mean and worst metric; bytes relative to the baseline."""
+    metric = rows[0]["metric"] or "metric"
+    lines = ["Learning quality after the last round (÷: this run's value over the reference's; client: the last "
+             "round's client-side evaluation, mean and worst client):", "",
+             f"| method | train rows | {metric} | ÷ centralized-total | ÷ centralized-sequential | eval loss | "
+             f"loss ÷ centralized-total | loss ÷ centralized-sequential | client mean {metric} | "
+             f"client worst {metric} | bytes × baseline |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for row in rows:
+        cells = [row["train_rows"], _num(row["final_metric"], ".3f"),
+                 _num(row.get("metric_vs_centralized_total"), ".3f"),
+                 _num(row.get("metric_vs_centralized_sequential"), ".3f"), _num(row["final_eval_loss"], ".4f"),
+                 _num(row.get("eval_loss_vs_centralized_total"), ".3f"),
+                 _num(row.get("eval_loss_vs_centralized_sequential"), ".3f"),
+                 _num(row["client_eval_mean"], ".3f"), _num(row["client_eval_worst"], ".3f"),
+                 _num(row["bytes_total"] / rows[0]["bytes_total"], ".3f")]
+        lines.append(f"| {row['method']} | " + " | ".join("-" if c is None else str(c) for c in cells) + " |")
+    return lines
+
+
+def round_tables(rows: list[dict[str, Any]]) -> list[str]:
+    """Every run's headline metric, then eval loss, per round (a row per round, a column per run)."""
+    metric = rows[0]["metric"] or "metric"
+    rounds = max(len(r["metric_per_round"]) for r in rows)
+    head = "| round | " + " | ".join(r["method"] for r in rows) + " |"
+    rule = "|---:|" + "---:|" * len(rows)
+    lines = []
+    for title, key, spec in ((metric, "metric_per_round", ".3f"), ("eval loss", "eval_loss_per_round", ".4f")):
+        lines += [f"Per round, {title}:", "", head, rule]
+        for i in range(rounds):
+            values = [r[key][i] if i < len(r[key]) else None for r in rows]
+            lines.append(f"| {i + 1} | " + " | ".join(_num(v, spec) or "-" for v in values) + " |")
+        lines.append("")
+    return lines[:-1]
+
+
+def _num(value: float | None, spec: str) -> str | None:
+    return None if value is None or not math.isfinite(value) else format(value, spec)
 
 
 def _plot(out: Path, reports: dict[str, dict]) -> None:
@@ -138,14 +252,25 @@ def _plot(out: Path, reports: dict[str, dict]) -> None:
 
 
 def bench(methods: list[str], run_args: list[str], out: Path, memory_probe: dict | None = None,
-          per_method: dict[str, list[str]] | None = None, compute_baseline: str | None = None) -> list[dict]:
-    """Run every method (``per_method``: extra ``--set`` overrides for one method) and write the comparison."""
+          per_method: dict[str, list[str]] | None = None, compute_baseline: str | None = None,
+          references: dict[str, list[str]] | None = None) -> list[dict]:
+    """Run every method (``per_method``: extra ``--set`` overrides for one method), then each reference
+    (``references``: name -> overrides on top of the baseline method's, see ``centralized.reference_overrides``),
+    and write the comparison."""
     out.mkdir(parents=True, exist_ok=True)
     per_method = per_method or {}
-    reports = {m: run_method(m, [*run_args, *sum((["--set", o] for o in per_method.get(m, [])), [])], out / m)
-               for m in methods}
+    references = references or {}
+    reports = {m: run_method(m, [*run_args, *_sets(per_method.get(m, []))], out / m) for m in methods}
+    baseline_args = [*run_args, *_sets(per_method.get(methods[0], []))]
+    reports.update({name: run_method(methods[0], [*baseline_args, *_sets(overrides)], out / name)
+                    for name, overrides in references.items()})
     baseline_loss = reports[methods[0]]["rounds"][-1]["eval_loss"]
-    rows = [summarize(reports[m], baseline_loss) for m in methods]
+    rows = [summarize(report, baseline_loss, name) for name, report in reports.items()]
+    relate_to_references(rows)
     memory = probe_memory(**memory_probe) if memory_probe else None
-    write_bench(out, rows, reports, memory, per_method, compute_baseline)
+    write_bench(out, rows, reports, memory, per_method, compute_baseline, references)
     return rows
+
+
+def _sets(overrides: list[str]) -> list[str]:
+    return [arg for o in overrides for arg in ("--set", o)]

@@ -78,7 +78,7 @@ def counted(fn) -> tuple[Any, int]:
 def full_finetune_flops(cfg: RunConfig, num_labels: int, streams: list[tuple[ExampleStream, int]]) -> int:
     """FLOPs of ``steps`` AdamW steps per stream with every weight of the unsplit model trainable."""
     path, task = runtime.model_task(cfg)
-    model = load_model(path, task, num_labels)
+    model = load_model(path, task, num_labels, pooling=cfg.model.pooling)
     model.train()
     for param in model.parameters():
         param.requires_grad_(True)
@@ -101,8 +101,8 @@ def probe(cfg: RunConfig, client: int) -> dict[str, Any]:
     pad_id = runtime.tokenizer_for(cfg).pad_token_id
     batch_size = cfg.train.batch_size
     runtime.seed_everything(cfg, 1, data.client_id)
-    parts = split_model(load_model(path, task, data.num_labels), sf.head_layers, sf.tail_layers,
-                        sf.num_prompt_tokens, prompt_init=sf.prompt_init)
+    parts = split_model(load_model(path, task, data.num_labels, pooling=cfg.model.pooling), sf.head_layers,
+                        sf.tail_layers, sf.num_prompt_tokens, prompt_init=sf.prompt_init)
 
     body = CountingLocalBody(parts.body)
     scoring_body = body.body if sf.el2n_path == "split" else None

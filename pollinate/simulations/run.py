@@ -34,12 +34,25 @@ def default_run_dir(cfg: RunConfig) -> Path:
     return Path("runs") / time.strftime("%Y%m%d-%H%M%S")
 
 
-def preflight(cfg: RunConfig) -> None:
-    """Fail before any process starts: the model resolves, the data loads and partitions without empties."""
+def preflight(cfg: RunConfig) -> dict[str, Any]:
+    """Fail before any process starts: the model resolves, the data loads and partitions without empties.
+    Returns what the run's header reports of the data: examples in training and eval, and per client."""
     info = resolve_model(cfg.model.name)
     task = resolve_task_type(cfg.data, info.default_task)
     data = load_task(cfg.data, task, cfg.federation.seed)
-    partition_indices(data.train, cfg.federation.clients, cfg.data, data.partition_by, cfg.federation.seed)
+    parts = partition_indices(data.train, cfg.federation.clients, cfg.data, data.partition_by, cfg.federation.seed)
+    return {"train_examples": len(data.train), "eval_examples": len(data.eval),
+            "examples_per_client": [len(part) for part in parts]}
+
+
+def describe_data(cfg: RunConfig, summary: dict[str, Any]) -> str:
+    """One line for the console: how many examples train, evaluate, and each client holds."""
+    counts = summary["examples_per_client"]
+    held_out = (f"; each holds out {cfg.eval.client_fraction:g} (at most {cfg.eval.client_max_examples}) for "
+                "client-side evaluation" if cfg.eval.client_fraction else "")
+    return (f"data: {cfg.data.source}: {summary['train_examples']} training examples over {len(counts)} clients "
+            f"(min {min(counts)}, max {max(counts)}, per client {counts if len(counts) <= 10 else '...'}), "
+            f"{summary['eval_examples']} held out for server evaluation{held_out}")
 
 
 @contextmanager
@@ -80,13 +93,17 @@ def simulate(cfg: RunConfig, run_dir: Path | None = None, quiet: bool = False,
     from pollinate.server.app import run_server
 
     run_dir = Path(run_dir or default_run_dir(cfg))
-    preflight(cfg)
+    data_summary = preflight(cfg)
+    if not quiet:
+        from rich.console import Console
+
+        Console(stderr=True, soft_wrap=True).print(describe_data(cfg, data_summary), markup=False)
     outcome: dict[str, Any] = {}
     server_app = ServerApp()
 
     @server_app.main()
     def _main(grid: Grid, context: Context) -> None:
-        outcome["report"] = run_server(grid, cfg, run_dir, quiet=quiet, resume=resume)
+        outcome["report"] = run_server(grid, cfg, run_dir, quiet=quiet, resume=resume, data=data_summary)
 
     logging.getLogger("flwr").setLevel(logging.ERROR)  # Pollinate prints its own per-round progress
     quiet_library_warnings()

@@ -128,7 +128,8 @@ def bench(cfg: RunConfig, steps: int, flood_threads: int) -> dict[str, Any]:
     """Start the service with the run's body and limits, time the legitimate node alone and under flood."""
     sf = cfg.sfprompt
     path, task = runtime.model_task(cfg)
-    parts = split_model(load_model(path, task, 2), sf.head_layers, sf.tail_layers, sf.num_prompt_tokens)
+    parts = split_model(load_model(path, task, 2, pooling=cfg.model.pooling), sf.head_layers, sf.tail_layers,
+                        sf.num_prompt_tokens)
     limits, tokens = split_limits(cfg), TokenRegistry()
     server, port = start_split_server(parts.body, tokens=tokens, limits=limits, session_ttl_s=_SESSION_TTL_S,
                                       max_concurrent_rpcs=sf.max_concurrent_rpcs, compute_slots=sf.compute_slots,

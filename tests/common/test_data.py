@@ -2,6 +2,7 @@
 
 import json
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
@@ -80,7 +81,6 @@ def test_csv_and_saved_dataset_load_with_configured_fields(tmp_path):
 
 
 def test_real_classification_file_partitions_by_label():
-    from pathlib import Path
 
     path = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "poem_sentiment" / "train.jsonl"
     if not path.exists():
@@ -95,3 +95,33 @@ def test_a_partition_left_empty_is_an_error_naming_the_partitioning():
     rows = generate_skills(12, seed=0)
     with pytest.raises(DataError, match="(partition \\d+ of 10 is empty|partitioning 'dirichlet' failed)"):
         partition_indices(rows, 10, DataConfig(partition="dirichlet", dirichlet_alpha=0.01), "skill", 0)
+
+
+def test_a_file_is_used_in_full_by_default_and_capped_only_when_asked(tmp_path):
+    """The BANKING77 training file has 10,003 rows: every row not held out for evaluation trains."""
+    path = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "banking77" / "train.jsonl"
+    if not path.is_file():
+        pytest.skip("../shared/data is not beside the checkout")
+    source = str(path)
+    task = load_task(DataConfig(source=source, eval_examples=500), "classification", 0)
+    assert len(task.train) + len(task.eval) == 10_003 and len(task.eval) == 500
+    capped = load_task(DataConfig(source=source, eval_examples=500, max_train_examples=1000), "classification", 0)
+    assert len(capped.train) == 1000 and capped.eval == task.eval
+
+
+def test_builtin_task_size_is_its_own_key():
+    assert len(load_task(DataConfig(builtin_examples=120), "generation", 0).train) == 120
+    assert len(load_task(DataConfig(builtin_examples=120, max_train_examples=50), "generation", 0).train) == 50
+
+
+def test_a_directory_of_files_reads_every_file_in_name_order(tmp_path):
+    for name, start in (("b.jsonl", 10), ("a.jsonl", 0)):
+        (tmp_path / name).write_text("".join(json.dumps({"prompt": f"p{i}", "response": "r", "cat": name}) + "\n"
+                                             for i in range(start, start + 10)))
+    (tmp_path / "README.md").write_text("not data")
+    task = load_task(DataConfig(source=str(tmp_path), partition="iid", eval_examples=2), "generation", 0)
+    assert sorted(r["prompt"] for r in task.train + task.eval) == sorted(f"p{i}" for i in range(20))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DataError, match="holds no .jsonl/.csv"):
+        load_task(DataConfig(source=str(empty), partition="iid"), "generation", 0)

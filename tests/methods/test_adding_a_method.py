@@ -63,7 +63,7 @@ def test_the_documented_method_trains_in_a_two_client_tiny_llama_simulation(toyn
     from pollinate.simulations.run import simulate
 
     cfg = build_config(None, ["method='toynorm'", "model.name='tiny-llama'", "federation.clients=2",
-                              "federation.rounds=2", "data.train_examples=40", "data.eval_examples=6",
+                              "federation.rounds=2", "data.builtin_examples=40", "data.eval_examples=6",
                               "train.local_steps=2", "output.plots=false"])
     report = simulate(cfg, tmp_path / "run", quiet=True)
     assert report["method"] == "toynorm" and not report["rejected"]

@@ -319,7 +319,7 @@ def test_a_token_is_refused_under_another_node_id_or_none(serve):
 def strategy(tmp_path):
     def build(deployment=None, *overrides):
         cfg = build_config(overrides=["model.name=tiny-llama", "method=sfprompt", "federation.clients=2",
-                                      "data.train_examples=20", "data.eval_examples=4", *overrides])
+                                      "data.builtin_examples=20", "data.eval_examples=4", *overrides])
         made = SFPrompt(cfg, RunRecorder(tmp_path, {"rounds_planned": 1}, quiet=True), tmp_path, deployment)
         made.prepare(None)
         built.append(made)

@@ -38,7 +38,7 @@ def task_identity(monkeypatch):
 
 def _strategy(tmp_path, *overrides: str) -> FedAvgFull:
     cfg = build_config(None, ["model.name=tiny-llama", "method=fedavg-full", "federation.clients=6",
-                              "data.train_examples=20", "data.eval_examples=2", *overrides])
+                              "data.builtin_examples=20", "data.eval_examples=2", *overrides])
     return FedAvgFull(cfg, RunRecorder(tmp_path, {"rounds_planned": 3}, quiet=True), tmp_path)
 
 
@@ -88,7 +88,7 @@ def test_each_message_carries_the_round_and_only_the_client_sections(tmp_path):
     assert sorted(m.metadata.dst_node_id for m in messages) == NODES
     config = messages[0].content["config"]
     assert config["server-round"] == 1
-    assert set(json.loads(config["run-config"])) == {"method", "model", "data", "federation", "train"}
+    assert set(json.loads(config["run-config"])) == {"method", "model", "data", "federation", "train", "eval"}
     assert len({id(m.content) for m in messages}) == len(messages)  # one message per node, none rebuilt
 
 

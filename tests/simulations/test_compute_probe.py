@@ -20,7 +20,7 @@ def test_counter_agrees_with_torch_flop_counter_mode_forward_and_backward():
 
 @pytest.mark.slow
 def test_probe_splits_client_and_server_flops_and_compares_with_full_finetuning():
-    cfg = build_config(None, ['model.name="tiny-llama"', "federation.clients=4", "data.train_examples=96",
+    cfg = build_config(None, ['model.name="tiny-llama"', "federation.clients=4", "data.builtin_examples=96",
                               "sfprompt.local_epochs=1", "sfprompt.local_steps=2", "sfprompt.split_steps=2",
                               'sfprompt.el2n_path="split"'])
     out = probe(cfg, client=0)

@@ -97,7 +97,7 @@ def test_saved_adapter_reproduces_the_final_global_model(tiny_run):
 @pytest.mark.parametrize("args, message", [
     (["--set", "federation.client=3"], "unknown config key 'federation.client'"),
     (["--model", "/nonexistent/model"], "neither a preset"),
-    (["--clients", "900", "--set", "data.train_examples=100"], "100 training examples cannot be split over 900"),
+    (["--clients", "900", "--set", "data.builtin_examples=100"], "100 training examples cannot be split over 900"),
 ])
 def test_bad_input_exits_2_and_writes_nothing(tmp_path, capsys, args, message):
     out = tmp_path / "never"

@@ -18,7 +18,7 @@ def test_fedavg_lora_on_smollm2_lowers_eval_loss(tmp_path):
     out = tmp_path / "smol"
     cmd = [sys.executable, "-m", "pollinate.cli", "simulate", "--clients", "2", "--rounds", "2", "--out", str(out),
            "--quiet", "--set", "train.local_steps=3", "--set", "data.eval_examples=12",
-           "--set", "data.train_examples=200"]
+           "--set", "data.builtin_examples=200"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1200, env=os.environ.copy())
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())

@@ -23,3 +23,13 @@ def train(msg: Message, cfg: RunConfig, context: Context) -> RecordDict:
     stats = runtime.local_training(cfg, data, model, server_round)
     return runtime.training_reply(cfg, dict(context.node_config), data, stats,
                                   arrays_to_record(parameter_state(dict(model.named_parameters()))))
+
+
+def evaluate(msg: Message, cfg: RunConfig, context: Context) -> RecordDict:
+    """The global model on this client's held-out examples (the cached model, every weight overwritten)."""
+    data = runtime.local_data(cfg, dict(context.node_config))
+    if not data.eval_encoded:
+        return runtime.evaluation_reply(cfg, data)
+    model = runtime.base_model(cfg, data.num_labels, tag="fedavg-full")
+    load_parameter_state(dict(model.named_parameters()), record_to_arrays(msg.content["arrays"]))
+    return runtime.evaluation_reply(cfg, data, model)

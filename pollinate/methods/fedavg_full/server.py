@@ -31,7 +31,8 @@ class FedAvgFull(StateFedAvg):
         self.evaluator = ServerEvaluator(cfg)
         torch.manual_seed(cfg.federation.seed)  # a fresh classifier head is a function of the seed
         evaluator = self.evaluator
-        self.model = load_model(evaluator.model_path, evaluator.task.task_type, evaluator.num_labels)
+        self.model = load_model(evaluator.model_path, evaluator.task.task_type, evaluator.num_labels,
+                                pooling=cfg.model.pooling)
         self.shapes = {name: tuple(p.shape) for name, p in self.model.named_parameters()}
 
     def initial_arrays(self) -> ArrayRecord:

@@ -9,9 +9,16 @@ from __future__ import annotations
 from flwr.app import Context, Message, RecordDict
 
 from pollinate.client import runtime
-from pollinate.common.adapters import adapter_state, load_adapter_state, peft_lora_config, wrap_with_lora
+from pollinate.common.adapters import (
+    adapter_state,
+    head_module_names,
+    load_adapter_state,
+    peft_lora_config,
+    wrap_with_lora,
+)
 from pollinate.common.config import RunConfig
 from pollinate.common.models import resolve_model
+from pollinate.common.pooling import resolve_pooling
 from pollinate.common.wire import arrays_to_record, record_to_arrays
 
 
@@ -22,9 +29,10 @@ def lora_model(cfg: RunConfig, num_labels: int):
 
     def build():
         base = runtime.base_model(cfg, num_labels, tag="fedavg-lora")
-        return wrap_with_lora(base, peft_lora_config(cfg.lora, info.family, task))
+        heads = head_module_names(task, resolve_pooling(cfg.model.pooling, info.path))
+        return wrap_with_lora(base, peft_lora_config(cfg.lora, info.family, task, head_modules=heads))
 
-    return runtime.cached(("fedavg-lora", info.path, task, num_labels, repr(cfg.lora)), build)
+    return runtime.cached(("fedavg-lora", info.path, task, num_labels, repr(cfg.lora), cfg.model.pooling), build)
 
 
 def train(msg: Message, cfg: RunConfig, context: Context) -> RecordDict:
@@ -35,3 +43,13 @@ def train(msg: Message, cfg: RunConfig, context: Context) -> RecordDict:
     stats = runtime.local_training(cfg, data, model, server_round)
     return runtime.training_reply(cfg, dict(context.node_config), data, stats,
                                   arrays_to_record(adapter_state(model)))
+
+
+def evaluate(msg: Message, cfg: RunConfig, context: Context) -> RecordDict:
+    """The global adapter on this client's held-out examples (the cached model, its adapter overwritten)."""
+    data = runtime.local_data(cfg, dict(context.node_config))
+    if not data.eval_encoded:
+        return runtime.evaluation_reply(cfg, data)
+    model = lora_model(cfg, data.num_labels)
+    load_adapter_state(model, record_to_arrays(msg.content["arrays"]))
+    return runtime.evaluation_reply(cfg, data, model)

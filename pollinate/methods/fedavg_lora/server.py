@@ -13,9 +13,16 @@ from typing import Any
 import torch
 from flwr.app import ArrayRecord
 
-from pollinate.common.adapters import adapter_state, load_adapter_state, peft_lora_config, wrap_with_lora
+from pollinate.common.adapters import (
+    adapter_state,
+    head_module_names,
+    load_adapter_state,
+    peft_lora_config,
+    wrap_with_lora,
+)
 from pollinate.common.config import RunConfig
 from pollinate.common.models import load_model
+from pollinate.common.pooling import resolve_pooling
 from pollinate.common.report import RunRecorder
 from pollinate.common.wire import arrays_to_record, record_to_arrays
 from pollinate.server.deployment import Deployment
@@ -30,9 +37,10 @@ class FedAvgLora(StateFedAvg):
         super().__init__(cfg, recorder, run_dir, deployment)
         self.evaluator = ServerEvaluator(cfg)
         torch.manual_seed(cfg.federation.seed)  # the initial adapter is a function of the seed
-        base = load_model(self.evaluator.model_path, self.evaluator.task.task_type, self.evaluator.num_labels)
-        self.model = wrap_with_lora(base, peft_lora_config(cfg.lora, self.evaluator.family,
-                                                           self.evaluator.task.task_type))
+        task, path = self.evaluator.task.task_type, self.evaluator.model_path
+        base = load_model(path, task, self.evaluator.num_labels, pooling=cfg.model.pooling)
+        heads = head_module_names(task, resolve_pooling(cfg.model.pooling, path))
+        self.model = wrap_with_lora(base, peft_lora_config(cfg.lora, self.evaluator.family, task, head_modules=heads))
         self.shapes = {k: v.shape for k, v in adapter_state(self.model).items()}
 
     def initial_arrays(self) -> ArrayRecord:

@@ -7,6 +7,8 @@ LoRA adapter with the planned modules and per-module ranks), apply the server's 
 factors this client holds, train, and send back the compressed delta of the trained factors with error
 feedback. Per-client state that must survive rounds (factors held, residuals) lives in ``context.state``,
 because in simulation a process may serve a different virtual client each round.
+A classifier also trains its head in full (peft ``modules_to_save``, left unquantized): it is part of the
+adapter state, so it arrives, trains and travels back with the factors.
 """
 
 from __future__ import annotations
@@ -21,10 +23,11 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from pollinate.client import runtime
-from pollinate.common.adapters import adapter_state, load_adapter_state, peft_lora_config
+from pollinate.common.adapters import adapter_state, head_module_names, load_adapter_state, peft_lora_config
 from pollinate.common.config import RunConfig
 from pollinate.common.data import ExampleStream
 from pollinate.common.models import FAMILY_ALL_LINEAR, model_device, resolve_model
+from pollinate.common.pooling import resolve_pooling
 from pollinate.common.seeds import derive_seed
 from pollinate.common.wire import bytes_to_record, record_to_arrays, record_to_bytes
 from pollinate.methods.fedpipe.codec import ErrorFeedback, decode_bundle
@@ -69,6 +72,8 @@ def prepare(msg: Message, cfg: RunConfig, context: Context) -> RecordDict:
     node_config = dict(context.node_config)
     data = runtime.local_data(cfg, node_config)
     info = resolve_model(cfg.model.name)
+    if data.task_type != "generation":  # score through the server's initial head (seeded the same way)
+        torch.manual_seed(cfg.federation.seed)
     base = runtime.base_model(cfg, data.num_labels, tag="fedpipe-score")
     names = candidate_names(base, cfg.fedpipe.candidate_modules or FAMILY_ALL_LINEAR[info.family])
     runtime.seed_everything(cfg, 0, data.client_id)
@@ -92,11 +97,13 @@ def _plan(msg: Message) -> dict[str, Any]:
 
 
 def planned_model(cfg: RunConfig, plan: dict[str, Any], num_labels: int, client_id: int):
-    """The base at the planned bits (one per process and bits) with this client's adapter active on it."""
+    """The base at the planned bits (one per process and bits) with this client's adapter active on it (and a
+    classifier's head, trained in full)."""
     from peft import PeftModel, get_peft_model
 
     info = resolve_model(cfg.model.name)
     _, task = runtime.model_task(cfg)
+    heads = head_module_names(task, resolve_pooling(cfg.model.pooling, info.path))
     bits = int(plan["bits"])
 
     def build_base():
@@ -104,7 +111,7 @@ def planned_model(cfg: RunConfig, plan: dict[str, Any], num_labels: int, client_
             return runtime.base_model(cfg, num_labels, tag="fedpipe-32")
         from pollinate.methods.fedpipe.quantize import prepare_quantized_model, quantization_config
 
-        return prepare_quantized_model(runtime.base_model(cfg, num_labels, quantization_config(bits),
+        return prepare_quantized_model(runtime.base_model(cfg, num_labels, quantization_config(bits, heads),
                                                           tag=f"fedpipe-{bits}"))
 
     base = runtime.cached(("fedpipe-base", bits, num_labels), build_base)
@@ -112,7 +119,7 @@ def planned_model(cfg: RunConfig, plan: dict[str, Any], num_labels: int, client_
     config = peft_lora_config(
         cfg.lora, info.family, task, target_modules=sorted(ranks),
         rank_pattern={re.escape(n): r for n, r in ranks.items()},
-        alpha_pattern={re.escape(n): 2.0 * r for n, r in ranks.items()},
+        alpha_pattern={re.escape(n): 2.0 * r for n, r in ranks.items()}, head_modules=heads,
     )
     adapter = f"client{client_id}-" + hashlib.sha1(json.dumps(ranks, sort_keys=True).encode()).hexdigest()[:10]
     key = ("fedpipe-peft", bits, num_labels)

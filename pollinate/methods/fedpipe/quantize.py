@@ -39,19 +39,26 @@ def silence_bitsandbytes() -> None:
 silence_bitsandbytes()
 
 
-def quantization_config(bits: int) -> BitsAndBytesConfig | None:
-    """The ``BitsAndBytesConfig`` for ``bits`` (None for 32/16: no quantization)."""
+def quantization_config(bits: int, skip_modules: list[str] | None = None) -> BitsAndBytesConfig | None:
+    """The ``BitsAndBytesConfig`` for ``bits`` (None for 32/16: no quantization).
+
+    ``skip_modules`` stay in full precision: a classifier's head (and CLS pooler), which is trained in full and
+    which bitsandbytes would otherwise quantize like every other linear layer of an encoder. None keeps
+    transformers' own choice (a causal LM's output head).
+    """
     if isinstance(bits, bool) or bits not in ALLOWED_BITS:
         raise ValueError(f"bits must be one of {ALLOWED_BITS}, got {bits!r}")
     if bits in (32, 16):
         return None
+    skip = {"llm_int8_skip_modules": list(skip_modules)} if skip_modules else {}
     if bits == 8:
-        return BitsAndBytesConfig(load_in_8bit=True)
+        return BitsAndBytesConfig(load_in_8bit=True, **skip)
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=torch.bfloat16,
+        **skip,
     )
 
 

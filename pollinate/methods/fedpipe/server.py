@@ -13,6 +13,10 @@ the compressed delta of its trained factors. Aggregation is FedAvg in update spa
 the module (stacked factors, then re-projected; the truncation error is logged per round). Norm bounds and the
 robust aggregators work on the same ΔW_k (``update_space``).
 
+A classifier (encoder) also trains its head in full (``head``): every planned client gets the global head with
+its factors, in the same bundle, and returns its change; the head is aggregated by ``federation.aggregator``
+(example-weighted FedAvg) and evaluated with the server's model, its pooling included.
+
 A client is the node that sent its replies (``NodeIdentity``), from round 0 on: a second node naming a planned
 client's id is refused, in round 0 and after.
 """
@@ -22,7 +26,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import zlib
 from pathlib import Path
 from typing import Any
 
@@ -32,15 +35,18 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
+from pollinate.common.adapters import head_module_names
 from pollinate.common.config import ConfigError, RunConfig
 from pollinate.common.models import FAMILY_ALL_LINEAR, load_model
+from pollinate.common.pooling import resolve_pooling
 from pollinate.common.profiles import ResourceProfile
 from pollinate.common.report import RunRecorder
 from pollinate.common.seeds import derive_seed
 from pollinate.common.wire import arrays_to_record, bytes_to_record, record_to_arrays, record_to_bytes
-from pollinate.methods.fedpipe import update_space
+from pollinate.methods.fedpipe import head, update_space
 from pollinate.methods.fedpipe.codec import WIRE_BYTES_PER_PARAM, decode_bundle, encode_bundle
-from pollinate.methods.fedpipe.lowrank import LoraFactors, apply_weighted_updates, reproject_lora
+from pollinate.methods.fedpipe.factors import LORA_ALPHA_PER_RANK, factors_for_client, lora_keys
+from pollinate.methods.fedpipe.lowrank import LoraFactors, apply_weighted_updates
 from pollinate.methods.fedpipe.planner import (
     ClientPlan,
     PlanInfeasible,
@@ -55,52 +61,25 @@ from pollinate.server.evaluation import ServerEvaluator
 from pollinate.server.replies import finite_number, integer_in, reply_metrics
 from pollinate.server.strategy import PollinateStrategy, Reply, UpdateRejected, rejection_reason
 
-LORA_ALPHA_PER_RANK = 2.0  # alpha = 2r on every client: the same scaling (2) whatever the planned rank
-
-
-def lora_keys(module: str) -> tuple[str, str]:
-    """peft state-dict keys of a module's factors (``get_peft_model_state_dict`` naming)."""
-    return f"base_model.model.{module}.lora_A.weight", f"base_model.model.{module}.lora_B.weight"
-
-
-def fresh_factors(module: str, rank: int, in_features: int, out_features: int, seed: int) -> LoraFactors:
-    """peft's default LoRA init (A: Kaiming-uniform with a=√5, B: 0), seeded by module so it is reproducible."""
-    gen = torch.Generator().manual_seed(seed ^ (hash_name(module) & 0x7FFFFFFF))
-    a = torch.empty(rank, in_features)
-    torch.nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=gen)
-    return LoraFactors(a=a.numpy(), b=np.zeros((out_features, rank), np.float32), alpha=LORA_ALPHA_PER_RANK * rank)
-
-
-def hash_name(name: str) -> int:
-    return zlib.crc32(name.encode())  # stable across processes, unlike hash()
-
-
-def factors_for_client(global_factors: LoraFactors | None, module: str, rank: int, shape: tuple[int, int],
-                       seed: int) -> LoraFactors:
-    """Best rank-``rank`` factors of the global ΔW at this client's alpha; rows beyond the ΔW's rank (and a
-    zero ΔW) get a fresh A with B = 0, so every planned component can learn and ΔW is unchanged."""
-    out_features, in_features = shape
-    fresh = fresh_factors(module, rank, in_features, out_features, seed)
-    if global_factors is None:
-        return fresh
-    factors, _ = reproject_lora(global_factors, rank, alpha=LORA_ALPHA_PER_RANK * rank)
-    a, b = factors.a.astype(np.float32), factors.b.astype(np.float32)
-    dead = np.linalg.norm(b, axis=0) == 0
-    a[dead] = fresh.a[dead]
-    return LoraFactors(a=a, b=b, alpha=LORA_ALPHA_PER_RANK * rank)
-
 
 class FedPipe(PollinateStrategy):
     """FedPipe server half; parameters in ``[fedpipe]``, ``[federation]`` (scenario, deadline) and ``[train]``."""
 
     def __init__(self, cfg: RunConfig, recorder: RunRecorder, run_dir: Path, deployment: Deployment | None = None):
         super().__init__(cfg, recorder, run_dir, deployment)
+        if cfg.federation.server_optimizer != "fedavg":  # ΔW is kept factored; no optimizer steps it yet
+            raise ConfigError(f"federation.server_optimizer = {cfg.federation.server_optimizer!r}: method "
+                              "'fedpipe' supports only 'fedavg' (the aggregate is the new global ΔW)")
         self.evaluator = ServerEvaluator(cfg)
-        if self.evaluator.task.task_type != "generation":
-            raise ConfigError("method 'fedpipe' supports generation (decoder) models; got a classification task")
-        self.model = load_model(self.evaluator.model_path, "generation")
+        self.task, path = self.evaluator.task.task_type, self.evaluator.model_path
+        self.head_modules = head_module_names(self.task, resolve_pooling(cfg.model.pooling, path))
+        if self.head_modules:  # the initial head is a function of the seed (clients score with the same one)
+            torch.manual_seed(cfg.federation.seed)
+        self.model = load_model(path, self.task, self.evaluator.num_labels, pooling=cfg.model.pooling)
+        self.head_weights = head.head_parameters(self.model, self.head_modules)
+        self.initial_head = head.head_arrays(self.head_weights)
         self.spec = model_spec_from_model(self.model, cfg.fedpipe.candidate_modules
-                                          or FAMILY_ALL_LINEAR[self.evaluator.family])
+                                          or FAMILY_ALL_LINEAR[self.evaluator.family], self.head_modules)
         self.shapes = {m.name: (m.out_features, m.in_features) for m in self.spec.modules}
         modules = dict(self.model.named_modules())
         self.base_weights = {name: modules[name].weight.detach().clone() for name in self.shapes}
@@ -167,9 +146,10 @@ class FedPipe(PollinateStrategy):
         for client in clients:  # a re-planned client starts from a full download
             self.held.pop(client, None)
             self.held_version.pop(client, None)
+        head_params = {"head_params": self.spec.head_params} if self.spec.head_params else {}
         self.recorder.event("plans", round=server_round,
                             importance_top=sorted(self.importance, key=self.importance.get)[-5:],
-                            plans={str(c): _plan_summary(p) for c, p in new_plans.items()})
+                            plans={str(c): _plan_summary(p) for c, p in new_plans.items()}, **head_params)
 
     def _read_prepare_reply(self, node_id: int,
                             content: RecordDict) -> tuple[int, dict[str, float], int, ResourceProfile]:
@@ -200,14 +180,21 @@ class FedPipe(PollinateStrategy):
 
     # --- per-round exchange -----------------------------------------------------------------------------
     def initial_arrays(self) -> ArrayRecord:
+        if self.initial_head:  # a classifier starts from its (seeded) fresh head
+            return arrays_to_record(head.prefixed(self.initial_head))
         return ArrayRecord()  # ΔW = 0 everywhere before round 1
 
     @staticmethod
     def global_factors(arrays: ArrayRecord) -> dict[str, LoraFactors]:
-        state = record_to_arrays(arrays)
+        state, _ = head.split_global(record_to_arrays(arrays))
         modules = {key.rsplit(".", 1)[0] for key in state}
         return {m: LoraFactors(a=state[f"{m}.a"], b=state[f"{m}.b"], alpha=float(state[f"{m}.a"].shape[0]))
                 for m in modules}
+
+    @staticmethod
+    def global_head(arrays: ArrayRecord) -> dict[str, np.ndarray]:
+        """The global head under its peft keys (empty for a generation model)."""
+        return head.split_global(record_to_arrays(arrays))[1]
 
     def train_content(self, node_id: int, server_round: int, arrays: ArrayRecord,
                       config: ConfigRecord) -> RecordDict | None:
@@ -222,6 +209,7 @@ class FedPipe(PollinateStrategy):
             factors = factors_for_client(current.get(module), module, rank, self.shapes[module], seed)
             key_a, key_b = lora_keys(module)
             target[key_a], target[key_b] = factors.a.astype(np.float32), factors.b.astype(np.float32)
+        target.update(self.global_head(arrays))
         payload = self._encode_downlink(client, target)
         plan_json = json.dumps({"ranks": plan.ranks, "bits": plan.bits, "batch_size": plan.batch_size,
                                 "local_steps": plan.local_steps})
@@ -268,19 +256,29 @@ class FedPipe(PollinateStrategy):
                                LoraFactors(a=trained[key_a], b=trained[key_b], alpha=alpha))
         return changes
 
+    def head_change(self, client_id: int, trained: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """One client's change of the head this round (empty for a generation model)."""
+        return head.head_change(self.round_starts[client_id], trained, list(self.initial_head))
+
+    def change_pairs(self, client_id: int, update: dict[str, np.ndarray]) -> dict[str, update_space.FactorPair]:
+        """The client's whole change as factor pairs: ΔW_k per module, and each head tensor's change."""
+        pairs = {m: update_space.factor_pair(*p) for m, p in self.module_changes(client_id, update).items()}
+        for key, change in self.head_change(client_id, update).items():
+            pairs[head.HEAD_PREFIX + key] = update_space.dense_pair(change)
+        return pairs
+
     def update_norm(self, client_id: int, update: dict[str, np.ndarray]) -> float:
-        """``‖ΔW_k‖_F`` over the client's modules, from its factors."""
-        changes = self.module_changes(client_id, update)
-        return update_space.update_norm({m: update_space.factor_pair(*pair) for m, pair in changes.items()})
+        """``‖ΔW_k‖_F`` over the client's modules (and its head's change), from its factors."""
+        return update_space.update_norm(self.change_pairs(client_id, update))
 
     def aggregate(self, server_round: int, replies: list[Reply]) -> ArrayRecord:
         """FedAvg (exact, per module over its adapters); Krum/Multi-Krum: the same over the clients they select,
-        equally weighted; median/trimmed mean: per module on the dense ΔW_k (see ``update_space``)."""
+        equally weighted; median/trimmed mean: per module on the dense ΔW_k (see ``update_space``). A classifier's
+        head: the global head plus the clients' changes combined the same way."""
         aggregator, byzantine = self.cfg.federation.aggregator, self.cfg.federation.byzantine_clients
         weights = [float(reply.num_examples) for reply in replies]
         if aggregator in ("krum", "multi-krum"):
-            pairs = [{m: update_space.factor_pair(*p) for m, p in self.module_changes(r.client_id, r.update).items()}
-                     for r in replies]
+            pairs = [self.change_pairs(r.client_id, r.update) for r in replies]
             keep = 1 if aggregator == "krum" else len(replies) - byzantine
             chosen = robust.krum_select(update_space.distance_embedding(pairs), byzantine, keep)
             replies, weights = [replies[i] for i in chosen], [1.0] * len(chosen)
@@ -298,6 +296,8 @@ class FedPipe(PollinateStrategy):
             else:
                 new = current[module]
             state[f"{module}.a"], state[f"{module}.b"] = new.a.astype(np.float32), new.b.astype(np.float32)
+        if self.initial_head:
+            state.update(head.prefixed(self._aggregate_head(replies, weights)))
         self.truncation = math.sqrt(dropped_sq)
         self.recorder.event("aggregate", round=server_round, truncation_error=self.truncation,
                             modules=len(per_module))
@@ -310,6 +310,20 @@ class FedPipe(PollinateStrategy):
             return update_space.combine_module(current, changes, [w for w, _, _ in updates], self.combine,
                                                self.cfg.fedpipe.global_rank)
         return apply_weighted_updates(current, updates, self.cfg.fedpipe.global_rank)
+
+    def _aggregate_head(self, replies: list[Reply], weights: list[float]) -> dict[str, np.ndarray]:
+        """Global head + the clients' changes by ``federation.aggregator`` (the clients Krum chose: their mean)."""
+        changes = [self.head_change(reply.client_id, reply.update) for reply in replies]
+        if self.cfg.federation.aggregator in ("krum", "multi-krum"):
+            combined = robust.aggregate("fedavg", changes, weights)
+        else:
+            combined = self.combine(changes, weights)
+        current = self.global_head(self.global_arrays)
+        return {k: (current[k].astype(np.float64) + combined[k]).astype(np.float32) for k in current}
+
+    def evaluate_content(self, node_id: int, server_round: int, arrays: ArrayRecord) -> RecordDict | None:
+        """Client-side federated evaluation is not supported by FedPipe yet: every node is skipped."""
+        return None
 
     def client_record(self, client_id: int, content: RecordDict, bytes_up: int, bytes_down: int) -> dict[str, Any]:
         record = super().client_record(client_id, content, bytes_up, bytes_down)
@@ -333,10 +347,13 @@ class FedPipe(PollinateStrategy):
 
     def evaluate_global(self, arrays: ArrayRecord) -> dict[str, Any]:
         self._merge_into_base(arrays)
+        if self.head_weights:
+            head.load_head(self.head_weights, self.global_head(arrays))
         return self.evaluator.evaluate(self.model)
 
     def save_final(self, arrays: ArrayRecord) -> dict[str, Any]:
-        """The global ΔW as a PEFT LoRA adapter (per-module rank, alpha = rank so scaling is 1)."""
+        """The global ΔW as a PEFT LoRA adapter (per-module rank, alpha = rank so scaling is 1), with a
+        classifier's head as its ``modules_to_save``."""
         from peft import LoraConfig, TaskType, get_peft_model
 
         current = self.global_factors(arrays)
@@ -349,12 +366,15 @@ class FedPipe(PollinateStrategy):
             r=max(ranks.values()), lora_alpha=max(ranks.values()), target_modules=sorted(current),
             rank_pattern={re.escape(m): r for m, r in ranks.items()},
             alpha_pattern={re.escape(m): float(r) for m, r in ranks.items()},
-            lora_dropout=0.0, task_type=TaskType.CAUSAL_LM,
+            lora_dropout=0.0, modules_to_save=self.head_modules or None,
+            task_type=TaskType.CAUSAL_LM if self.task == "generation" else TaskType.SEQ_CLS,
         )
-        model = get_peft_model(load_model(self.evaluator.model_path, "generation"), config)
+        base = load_model(self.evaluator.model_path, self.task, self.evaluator.num_labels,
+                          pooling=self.cfg.model.pooling)
+        model = get_peft_model(base, config)
         from pollinate.common.adapters import load_adapter_state
 
-        state = {}
+        state = self.global_head(arrays)
         for module, factors in current.items():
             key_a, key_b = lora_keys(module)
             state[key_a], state[key_b] = factors.a, factors.b

@@ -6,7 +6,8 @@ nothing). Norms and distances come from the factors without forming any ``(out, 
 ``ΔW = U V`` (``U = [s B', −s B⁰]``, ``V = [A'; A⁰]``, rank ≤ 2r), ``⟨U_i V_i, U_j V_j⟩ = Σ (U_iᵀ U_j) ∘ (V_i V_jᵀ)``.
 
 - Krum / Multi-Krum select whole clients by their distances over all modules (a module a client did not adapt
-  is a zero change); the selected clients are then aggregated exactly like FedAvg, with equal weights.
+  is a zero change) and the head of a classifier (``dense_pair``); the selected clients are then aggregated
+  exactly like FedAvg, with equal weights.
 - Median / trimmed mean work module by module over the clients that adapted the module, on the dense ΔW_k,
   and the new global ΔW is re-factored to ``fedpipe.global_rank`` by SVD.
 """
@@ -29,6 +30,11 @@ def factor_pair(start: LoraFactors, trained: LoraFactors) -> FactorPair:
                         -start.scaling * start.b.astype(np.float64)], axis=1)
     v = np.concatenate([trained.a.astype(np.float64), start.a.astype(np.float64)], axis=0)
     return u, v
+
+
+def dense_pair(change: np.ndarray) -> FactorPair:
+    """A dense change (a classifier head's tensor) as ``(vec, [[1]])``: its inner products are dot products."""
+    return np.asarray(change, dtype=np.float64).reshape(-1, 1), np.ones((1, 1))
 
 
 def inner(p: FactorPair, q: FactorPair) -> float:

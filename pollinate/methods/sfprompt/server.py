@@ -106,7 +106,8 @@ class SFPrompt(StateFedAvg):
         # Fresh classifier head and initial prompts are functions of the seed.
         torch.manual_seed(cfg.federation.seed)
         evaluator = self.evaluator
-        model = load_model(evaluator.model_path, evaluator.task.task_type, evaluator.num_labels)
+        model = load_model(evaluator.model_path, evaluator.task.task_type, evaluator.num_labels,
+                           pooling=cfg.model.pooling)
         self.parts = split_model(model, sf.head_layers, sf.tail_layers, sf.num_prompt_tokens,
                                  prompt_init=sf.prompt_init,
                                  generator=torch.Generator().manual_seed(cfg.federation.seed))
@@ -157,6 +158,9 @@ class SFPrompt(StateFedAvg):
         split = ConfigRecord({"address": self.address, "token": token,
                               "wire-dtype": self.cfg.sfprompt.wire_dtype, "ca-pem": self.ca_pem})
         return RecordDict({"arrays": arrays, "config": config, "split": split})
+
+    def evaluate_content(self, node_id: int, server_round: int, arrays: ArrayRecord) -> RecordDict | None:
+        return None  # no client-side evaluation: the client holds only the head and prompt, not the model
 
     def replies_in(self, server_round: int) -> None:
         self.tokens.revoke_round(server_round)  # replies are in: this round's tokens are done

@@ -59,7 +59,7 @@ def test_loading_a_state_with_missing_or_extra_tensors_is_refused():
 @pytest.fixture
 def strategy(tmp_path):
     cfg = build_config(overrides=["model.name=tiny-llama", "method=fedavg-full", "federation.clients=2",
-                                  "data.train_examples=20", "data.eval_examples=4"])
+                                  "data.builtin_examples=20", "data.eval_examples=4"])
     return FedAvgFull(cfg, RunRecorder(tmp_path, {"rounds_planned": 1}, quiet=True), tmp_path)
 
 
@@ -90,7 +90,7 @@ def test_saved_model_loads_with_from_pretrained_and_equals_the_global(strategy, 
 def test_simulate_tiny_llama_sends_the_whole_model_both_ways(tmp_path):
     out = tmp_path / "full"
     args = ["simulate", "--method", "fedavg-full", "--model", "tiny-llama", "--clients", "2", "--rounds", "2",
-            "--out", str(out), "--quiet", "--set", "data.train_examples=60", "--set", "data.eval_examples=10"]
+            "--out", str(out), "--quiet", "--set", "data.builtin_examples=60", "--set", "data.eval_examples=10"]
     proc = subprocess.run([sys.executable, "-m", "pollinate.cli", *args], cwd=Path(__file__).resolve().parents[3],
                           capture_output=True, text=True, timeout=900, env=os.environ.copy())
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -6,8 +6,8 @@ import math
 import numpy as np
 import pytest
 
-from pollinate.common.models import SMOLLM2_SHAPE
-from pollinate.common.profiles import GIB, TIER_PROFILES, ResourceProfile, assign_profiles
+from pollinate.common.models import FAMILY_ALL_LINEAR, SMOLLM2_SHAPE
+from pollinate.common.profiles import GIB, TIER_PROFILES, ResourceProfile, assign_profiles, comm_seconds
 from pollinate.methods.fedpipe.planner import (
     PlanInfeasible,
     PlanOptions,
@@ -330,3 +330,54 @@ def test_param_budget_caps_every_plan_and_keeps_the_most_important_modules():
         assert adapter_param_count(spec, plan.ranks) <= 50_000
         assert sum(".v_proj" in m for m in plan.ranks) >= len(plan.ranks) / 2
     assert max(adapter_param_count(spec, p.ranks) for p in free) > 50_000
+
+
+# ---- a classifier's head: trained in full and sent every round -------------------------------------
+
+
+def test_spec_counts_the_head_a_bert_classifier_trains_in_full():
+    from transformers import BertConfig, BertForSequenceClassification
+
+    config = BertConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                        vocab_size=100, max_position_embeddings=32, num_labels=3)
+    model = BertForSequenceClassification(config)
+    targets = FAMILY_ALL_LINEAR["bert"]
+    assert model_spec_from_model(model, targets).head_params == 0
+    assert model_spec_from_model(model, targets, ["classifier"]).head_params == 64 * 3 + 3
+    cls = model_spec_from_model(model, targets, ["classifier", "pooler"])
+    assert cls.head_params == 64 * 3 + 3 + 64 * 64 + 64
+    assert len(cls.modules) == 2 * 6 and "classifier" not in cls.module_names()
+    with pytest.raises(ValueError, match="head_params"):
+        ModelSpec(num_params=3_000, hidden=16, num_layers=2, vocab=64, modules=cls.modules[:1], head_params=-1)
+
+
+def test_head_params_cost_memory_compute_and_bytes_whatever_the_ranks():
+    head = 5_000
+    bare = _small_spec()
+    with_head = ModelSpec(num_params=bare.num_params, hidden=16, num_layers=2, vocab=64, modules=bare.modules,
+                          head_params=head)
+    options = PlanOptions(bits=(32,), batch_sizes=(4,), local_steps=10, update_bytes_per_param=0.5)
+    profile = TIER_PROFILES["weak"]
+    a, b = (CostModel.build(spec, options, [profile]) for spec in (bare, with_head))
+    assert b.fixed_memory[0] - a.fixed_memory[0] == pytest.approx(16.0 * head)
+    comm = comm_seconds(0.5 * head, 0.5 * head, profile)
+    compute = 10 * 2.0 * 4 * head / b.speed[0, 0]  # weight gradients, per sequence
+    assert b.fixed_seconds[0, 0] - a.fixed_seconds[0, 0] == pytest.approx(comm + compute)
+    assert b.comm_seconds(0, 100) - a.comm_seconds(0, 100) == pytest.approx(comm)
+    assert np.array_equal(a.seconds_per_param, b.seconds_per_param)  # the adapter's cost is unchanged
+    plans = [plan_client(profile, {}, spec, options) for spec in (bare, with_head)]
+    assert plans[0].ranks == plans[1].ranks
+    assert plans[1].est_memory_bytes - plans[0].est_memory_bytes == pytest.approx(16.0 * head)
+    assert plans[1].est_comm_s - plans[0].est_comm_s == pytest.approx(comm)
+
+
+def test_a_head_that_does_not_fit_makes_the_client_infeasible_and_says_so():
+    bare = _small_spec()
+    options = PlanOptions(bits=(32,), batch_sizes=(1,), seq_len=4)
+    needs = CostModel.build(bare, options, [TIER_PROFILES["weak"]]).memory_bytes(0, 8 * (16 + 8))
+    profile = ResourceProfile(memory_gib=(needs + 1_000) / GIB, compute_tflops=1, uplink_mbps=10, downlink_mbps=10)
+    assert plan_client(profile, {}, bare, options).ranks  # fits without a head
+    with_head = ModelSpec(num_params=bare.num_params, hidden=16, num_layers=2, vocab=64, modules=bare.modules,
+                          head_params=1_000)
+    with pytest.raises(PlanInfeasible, match="with the 1000 head parameters trained in full"):
+        plan_client(profile, {}, with_head, options)

@@ -316,7 +316,7 @@ def test_greedy_generate_of_a_left_padded_batch_equals_each_prompt_alone():
 @pytest.fixture
 def strategy(tmp_path):
     cfg = build_config(overrides=["model.name=tiny-llama", "method=sfprompt", "federation.clients=2",
-                                  "data.train_examples=20", "data.eval_examples=4"])
+                                  "data.builtin_examples=20", "data.eval_examples=4"])
     recorder = RunRecorder(tmp_path, {"rounds_planned": 1}, quiet=True)
     strategy = SFPrompt(cfg, recorder, tmp_path)
     strategy.prepare(None)
@@ -352,7 +352,7 @@ def test_with_coordinator_certs_the_split_plane_is_tls_and_clients_get_the_ca(tm
 
     certs = init_certs(tmp_path / "certs", ["localhost"]).ca_cert.parent
     cfg = build_config(overrides=["model.name=tiny-llama", "method=sfprompt", "federation.clients=2",
-                                  "data.train_examples=20", "data.eval_examples=4",
+                                  "data.builtin_examples=20", "data.eval_examples=4",
                                   f'sfprompt.tls_certs="{certs}"'])
     tls = SFPrompt(cfg, RunRecorder(tmp_path, {"rounds_planned": 1}, quiet=True), tmp_path)
     tls.prepare(None)
@@ -442,6 +442,6 @@ def test_simulate_tiny_bert_reports_split_bytes_and_half_gamma_halves_them(tmp_p
 
 @pytest.mark.slow
 def test_simulate_tiny_llama_reports_exact_match_and_split_bytes(tmp_path):
-    report = simulate(tmp_path / "llama", "--model", "tiny-llama", "--set", "data.train_examples=120",
+    report = simulate(tmp_path / "llama", "--model", "tiny-llama", "--set", "data.builtin_examples=120",
                       "--set", "data.eval_examples=10")
     check_split_report(report, "exact_match")

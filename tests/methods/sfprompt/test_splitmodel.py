@@ -245,3 +245,13 @@ def test_tensor_with_inconsistent_byte_size_is_refused():
     message.shape[:] = [2, 4]
     with pytest.raises(TensorDecodeError, match="hidden: 24 bytes of data, expected 32"):
         decode_tensor(message, name="hidden")
+
+
+@pytest.mark.parametrize("tail_layers", [1, 2])
+def test_mean_pooled_bert_split_equals_unsplit_model(tail_layers):
+    """With mean pooling (all-MiniLM's own) the tail reads every position under the mask, prompt included."""
+    from pollinate.common.pooling import use_mean_pooling
+
+    model = use_mean_pooling(tiny_bert())
+    parts = split_model(model, head_layers=1, tail_layers=tail_layers, num_prompt_tokens=PROMPT)
+    assert_split_matches_unsplit(model, parts, padded_batch("bert"))

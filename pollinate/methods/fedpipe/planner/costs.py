@@ -11,7 +11,9 @@ peaks and step time they reproduce.
   modules (bitsandbytes LLM.int8: 1 byte/weight + a 4-byte scale per output row; NF4 with double
   quantization: 0.5 + 1/64 + 4/16384 bytes/weight); embeddings, tied/untied output head, norms and
   biases stay fp32, as ``transformers`` loads them.
-  Adapter: ``adapter_state_bytes_per_param`` per LoRA parameter (fp32 weight, gradient and two Adam moments).
+  Adapter: ``adapter_state_bytes_per_param`` per LoRA parameter (fp32 weight, gradient and two Adam moments),
+  and as much per parameter of the head a classifier trains in full (``ModelSpec.head_params``: peft keeps a
+  trainable copy next to the frozen original, and bitsandbytes leaves the head unquantized).
   Activations: ``tokens x (act_bytes_per_token_hidden_layer x hidden x layers + act_bytes_per_token_logit x
   logit_width)`` times a per-bits factor (bitsandbytes keeps extra per-token buffers). The per-logit bytes are
   three fp32 copies (logits, log-softmax, its gradient); the per-hidden bytes are what remains of the measured
@@ -19,9 +21,10 @@ peaks and step time they reproduce.
   (conservative: a frozen, unadapted linear does not need its input saved).
 - Compute per step, frozen base: forward 2N + input-gradient backward 2N FLOPs per token (no weight
   gradients for the base, so 4N, not the 6N of full training), 6 FLOPs per token per LoRA parameter,
-  and attention 12 x layers x seq_len x hidden per token. Seconds = FLOPs / (compute_tflops x
-  utilization) x a per-bits factor (NF4 computes in bf16).
-- Communication: the adapter at the client's ranks goes down and comes back each round,
+  and attention 12 x layers x seq_len x hidden per token; the head's weight gradients 2 FLOPs per head
+  parameter per sequence (it reads one pooled vector; its forward and input gradient are in the 4N).
+  Seconds = FLOPs / (compute_tflops x utilization) x a per-bits factor (NF4 computes in bf16).
+- Communication: the adapter at the client's ranks, and the head, go down and come back each round,
   ``update_bytes_per_param`` bytes per parameter each way.
 """
 
@@ -77,7 +80,7 @@ def _step_flops(spec: ModelSpec, batch_size: int, options: PlanOptions) -> tuple
     """(FLOPs per step independent of the adapter, FLOPs per step per adapter parameter)."""
     tokens = batch_size * options.seq_len
     fixed = tokens * (4.0 * spec.num_params + 12.0 * spec.num_layers * options.seq_len * spec.hidden)
-    return fixed, 6.0 * tokens
+    return fixed + 2.0 * batch_size * spec.head_params, 6.0 * tokens
 
 
 @dataclass(frozen=True)
@@ -93,6 +96,8 @@ class CostModel:
     ----------
     options : PlanOptions
         Constants and the round's shape.
+    head_params : int
+        Parameters trained in full and sent every round whatever the ranks (``ModelSpec.head_params``).
     profiles : tuple of ResourceProfile
         The clients' budgets (identical profiles may be passed once).
     combos : tuple of (int, int)
@@ -108,6 +113,7 @@ class CostModel:
     """
 
     options: PlanOptions
+    head_params: int
     profiles: tuple[ResourceProfile, ...]
     combos: tuple[tuple[int, int], ...]
     fixed_memory: np.ndarray
@@ -122,15 +128,16 @@ class CostModel:
         tflops, up, down = (np.array([getattr(p, name) for p in profiles], dtype=float)
                             for name in ("compute_tflops", "uplink_mbps", "downlink_mbps"))
         combos = tuple((b, s) for b in options.bits for s in sorted(options.batch_sizes, reverse=True))
+        head = options.adapter_state_bytes_per_param * spec.head_params
         fixed_memory = np.array(
-            [base_weight_bytes(spec, b) + activation_bytes(spec, b, s, options) for b, s in combos]
+            [base_weight_bytes(spec, b) + activation_bytes(spec, b, s, options) + head for b, s in combos]
         )
         flops = np.array([_step_flops(spec, s, options) for _, s in combos]) * options.local_steps
         time_factor = np.array([options.time_factor[b] for b, _ in combos])
         speed = tflops[:, None] * 1e12 * options.utilization / time_factor
         comm_per_param = options.update_bytes_per_param * 8e-6 * (1.0 / up + 1.0 / down)
-        return cls(options, tuple(profiles), combos, fixed_memory, flops, speed,
-                   fixed_seconds=flops[None, :, 0] / speed,
+        return cls(options, spec.head_params, tuple(profiles), combos, fixed_memory, flops, speed,
+                   fixed_seconds=flops[None, :, 0] / speed + spec.head_params * comm_per_param[:, None],
                    seconds_per_param=flops[None, :, 1] / speed + comm_per_param[:, None])
 
     def combo(self, bits: int, batch_size: int) -> int:
@@ -159,6 +166,6 @@ class CostModel:
         return float(flops / self.speed[u, j]) / self.options.local_steps
 
     def comm_seconds(self, u: int, n_params: int) -> float:
-        """Seconds to download and upload ``n_params`` adapter parameters on profile ``u``."""
-        nbytes = self.options.update_bytes_per_param * n_params
+        """Seconds to download and upload ``n_params`` adapter parameters and the head on profile ``u``."""
+        nbytes = self.options.update_bytes_per_param * (n_params + self.head_params)
         return comm_seconds(nbytes, nbytes, self.profiles[u])

@@ -206,11 +206,12 @@ def _infeasible(costs: CostModel, knap: _Knapsack, u: int, client_id: str | int)
     need_mem = costs.fixed_memory + options.adapter_state_bytes_per_param * knap.min_params
     need_t = costs.fixed_seconds[u] + costs.seconds_per_param[u] * knap.min_params
     jm, jt = int(np.argmin(need_mem)), int(np.argmin(need_t))
+    head = f", with the {costs.head_params} head parameters trained in full" if costs.head_params else ""
     return PlanInfeasible(
         f"no plan fits client {str(client_id)!r} ({profile.name or 'unnamed profile'}): budget "
         f"{profile.memory_gib:.2f} GiB memory and {options.deadline_s:g} s round deadline; the "
         f"smallest plan needs {need_mem[jm] / GIB:.2f} GiB (bits {combos[jm][0]}, batch {combos[jm][1]}) "
-        f"and {need_t[jt]:.1f} s (bits {combos[jt][0]}, batch {combos[jt][1]})"
+        f"and {need_t[jt]:.1f} s (bits {combos[jt][0]}, batch {combos[jt][1]}){head}"
     )
 
 

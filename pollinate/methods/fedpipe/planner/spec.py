@@ -13,7 +13,7 @@ from typing import Any
 
 from pollinate.common.models import FAMILY_ALL_LINEAR
 
-__all__ = ["ModelSpec", "ModuleSpec", "model_spec_from_config", "model_spec_from_model"]
+__all__ = ["ModelSpec", "ModuleSpec", "head_parameter_count", "model_spec_from_config", "model_spec_from_model"]
 
 _LLAMA_TYPES = ("llama", "mistral")
 _BERT_TYPES = ("bert",)
@@ -52,6 +52,9 @@ class ModelSpec:
         Candidate modules for LoRA (they are also the ones bitsandbytes quantizes).
     logit_width : int, optional
         Width of the output logits (vocab for a causal LM, num_labels for a classifier); default vocab.
+    head_params : int, default 0
+        Parameters trained in full next to the adapter and sent with it every round: a classifier's head (and
+        its pooler with CLS pooling). Part of ``num_params`` too (the frozen original stays in the base).
     """
 
     num_params: int
@@ -60,12 +63,15 @@ class ModelSpec:
     vocab: int
     modules: list[ModuleSpec]
     logit_width: int | None = None
+    head_params: int = 0
 
     def __post_init__(self) -> None:
         for name in ("num_params", "hidden", "num_layers", "vocab"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"ModelSpec field {name!r} must be a positive int, got {value!r}")
+        if not isinstance(self.head_params, int) or self.head_params < 0:
+            raise ValueError(f"ModelSpec field 'head_params' must be an int >= 0, got {self.head_params!r}")
         if self.logit_width is None:
             self.logit_width = self.vocab
         if not self.modules:
@@ -169,9 +175,17 @@ def _bert_spec(cfg: Any, prefix: str) -> ModelSpec:
     return ModelSpec(num_params, h, layers, vocab, modules, logit_width=num_labels)
 
 
-def model_spec_from_model(model: Any, targets: Sequence[str] | None = None) -> ModelSpec:
+def head_parameter_count(model: Any, head_modules: Sequence[str]) -> int:
+    """Parameters of the modules named (as suffixes, like peft's ``modules_to_save``) by ``head_modules``."""
+    return sum(p.numel() for name, module in model.named_modules()
+               if any(name == h or name.endswith("." + h) for h in head_modules) for p in module.parameters())
+
+
+def model_spec_from_model(model: Any, targets: Sequence[str] | None = None,
+                          head_modules: Sequence[str] = ()) -> ModelSpec:
     """Walk a loaded (torch) model: every module with ``in_features``/``out_features`` whose name ends
-    with one of ``targets`` (default: every family's attention and MLP projections) becomes a candidate.
+    with one of ``targets`` (default: every family's attention and MLP projections) becomes a candidate;
+    ``head_modules`` are trained in full (``ModelSpec.head_params``).
     Pass the base model, not a ``PeftModel``, so names match what peft's target matching sees."""
     if targets is None:
         targets = [t for family in FAMILY_ALL_LINEAR.values() for t in family]
@@ -202,4 +216,5 @@ def model_spec_from_model(model: Any, targets: Sequence[str] | None = None) -> M
         vocab=vocab,
         modules=modules,
         logit_width=vocab if has_lm_head else int(getattr(config, "num_labels", vocab)),
+        head_params=head_parameter_count(model, head_modules),
     )

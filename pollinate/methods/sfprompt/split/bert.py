@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.masking_utils import create_bidirectional_mask
 
+from pollinate.common.pooling import MeanPooler
 from pollinate.methods.sfprompt.split.base import (
     HeadOutput,
     SplitArchitecture,
@@ -107,10 +108,14 @@ class BertSplitTail(nn.Module):
         self, hidden: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor | None = None,
         answers_only: bool = False,
     ) -> TailOutput:
-        """``answers_only`` changes nothing here: a classifier has one logit row per example. The pooler reads
-        the first position only, so the last block computes just that position's output."""
-        hidden = self.blocks.run(hidden, attention_mask, self.blocks.layers[:-1])
-        pooled = self.pooler(self.blocks.last_layer_at_first_position(hidden, attention_mask))
+        """``answers_only`` changes nothing here: a classifier has one logit row per example. The [CLS] pooler
+        reads the first position only, so the last block computes just that position's output; mean pooling
+        reads every position."""
+        if isinstance(self.pooler, MeanPooler):
+            pooled = self.pooler(self.blocks(hidden, attention_mask), attention_mask)
+        else:
+            hidden = self.blocks.run(hidden, attention_mask, self.blocks.layers[:-1])
+            pooled = self.pooler(self.blocks.last_layer_at_first_position(hidden, attention_mask))
         logits = self.classifier(self.dropout(pooled))
         loss = None
         if labels is not None:
