@@ -46,7 +46,7 @@ from pollinate.common.lr_schedule import lr_scale_entry
 from pollinate.common.models import resolve_model
 from pollinate.common.profiles import ResourceProfile, comm_seconds
 from pollinate.common.report import RunRecorder, peer_text
-from pollinate.common.wire import arrays_to_record, record_to_arrays, wire_bytes
+from pollinate.common.wire import record_to_arrays, wire_bytes
 from pollinate.methods import get_method
 from pollinate.server import robust
 from pollinate.server.checkpoint import round_state, save_round
@@ -59,13 +59,12 @@ from pollinate.server.replies import (
     integer_in,
     mean_train_loss,
     relative_norm_outliers,
-    reply_arrays,
     reply_metrics,
     reported_numbers,
 )
 from pollinate.server.server_optimizer import server_optimizer_for
 
-__all__ = ["PollinateStrategy", "Reply", "StateFedAvg", "UpdateRejected", "check_arrays", "rejection_reason"]
+__all__ = ["PollinateStrategy", "Reply", "UpdateRejected", "check_arrays", "rejection_reason"]
 
 
 def in_run_rounds(hook: Callable[..., Any]) -> Callable[..., Any]:
@@ -407,31 +406,3 @@ def rejection_reason(exc: BaseException) -> str:
 def _client_order(record: dict[str, Any]) -> tuple[int, int, str]:
     client = record["client_id"]
     return (0, client, "") if isinstance(client, int) else (1, 0, str(client))
-
-
-class StateFedAvg(PollinateStrategy):
-    """A method whose global state is a fixed set of named fp32 tensors that every client receives and returns in
-    full: replies are checked against ``self.shapes``; an update is the change of the global state; the new
-    global is the example-weighted mean (``fedavg``) or the global plus the robust aggregate of the changes,
-    then moved by ``federation.server_optimizer`` when it is not ``fedavg``."""
-
-    shapes: dict[str, tuple[int, ...]]
-
-    def decode_reply(self, server_round: int, client_id: int, content: RecordDict) -> dict[str, np.ndarray]:
-        state = reply_arrays(content, self.shapes)  # names and declared shapes checked before loading
-        check_arrays(state, self.shapes)
-        return state
-
-    def update_norm(self, client_id: int, update: dict[str, np.ndarray]) -> float:
-        base = record_to_arrays(self.global_arrays)
-        squares = sum(float(np.square(value.astype(np.float64) - base[key]).sum()) for key, value in update.items())
-        return float(np.sqrt(squares))
-
-    def aggregate(self, server_round: int, replies: list[Reply]) -> ArrayRecord:
-        # Every aggregator is translation-equivariant (robust.py): combining states = global + combined changes.
-        states = [reply.update for reply in replies]
-        combined = self.combine(states, [float(reply.num_examples) for reply in replies])
-        if self.server_optimizer is None:
-            return arrays_to_record(combined)
-        return arrays_to_record(self.server_optimizer.step(record_to_arrays(self.global_arrays), combined,
-                                                           server_round))

@@ -84,7 +84,7 @@ def test_a_dense_check_without_its_dtype_check_is_reported_as_bad_accepts(tmp_pa
         if set(arrays) != set(expected) or any(a.shape != tuple(expected[k]) for k, a in arrays.items()):
             raise UpdateRejected("names or shapes")
 
-    monkeypatch.setattr("pollinate.server.strategy.check_arrays", without_dtype)
+    monkeypatch.setattr("pollinate.server.state_fedavg.check_arrays", without_dtype)
     with flower_task_identity():
         tally = run_cases(DenseRound(tmp_path), 50, 2)
     assert tally.counts["bad-accept"] > 0

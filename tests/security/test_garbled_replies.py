@@ -23,7 +23,7 @@ from pollinate.common.wire import (
     record_to_bytes,
 )
 from pollinate.server.replies import reply_arrays
-from pollinate.server.strategy import StateFedAvg
+from pollinate.server.state_fedavg import StateFedAvg
 
 SHAPE = (4, 8)
 NODES = [101, 102, 103]

@@ -20,7 +20,7 @@ from pollinate.common.config_io import build_config
 from pollinate.common.report import RunRecorder
 from pollinate.common.wire import arrays_to_record, record_to_arrays
 from pollinate.server.robust import fedavg
-from pollinate.server.strategy import StateFedAvg
+from pollinate.server.state_fedavg import StateFedAvg
 
 NODES = [101, 102, 103, 104, 105]
 ATTACKER_NODE, ATTACKER = 105, 4

@@ -27,7 +27,7 @@ from pollinate.common.report import RunRecorder
 from pollinate.common.wire import arrays_to_record, record_to_arrays
 from pollinate.server.deployment import Deployment
 from pollinate.server.evaluation import ServerEvaluator
-from pollinate.server.strategy import StateFedAvg
+from pollinate.server.state_fedavg import StateFedAvg
 
 
 class FedAvgLora(StateFedAvg):

@@ -35,7 +35,7 @@ from pollinate.methods.sfprompt.split import SplitParts, TailOutput, split_model
 from pollinate.server.deployment import Deployment
 from pollinate.server.evaluation import ServerEvaluator
 from pollinate.server.replies import integer_in, reported_numbers
-from pollinate.server.strategy import StateFedAvg
+from pollinate.server.state_fedavg import StateFedAvg
 
 SPLIT_FIELDS = ("split_bytes_up", "split_bytes_down", "kept_examples", "client_time_share",
                 "client_compute_seconds", "split_wait_seconds", "local_steps", "split_steps", "local_loss",
