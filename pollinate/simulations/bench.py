@@ -21,10 +21,16 @@ from pollinate.common.report import atomic_write_text, headline_metric, human_by
 from pollinate.simulations.centralized import REFERENCES
 
 
-def run_method(method: str, run_args: list[str], out: Path) -> dict[str, Any]:
-    """One ``pollinate simulate`` in a subprocess; its report."""
+def run_method(method: str, run_args: list[str], out: Path, resume: bool = False) -> dict[str, Any]:
+    """One ``pollinate simulate`` in a subprocess; its report. With ``resume`` a run that finished (its
+    ``report.json`` exists) is reused and one that stopped continues from its last checkpoint (``--resume``,
+    which refuses a differing config)."""
+    if resume and (out / "report.json").is_file():
+        print(f"bench: reusing the finished run {out}", file=sys.stderr)
+        return json.loads((out / "report.json").read_text())
+    again = ["--resume", str(out)] if resume and any((out / "checkpoints").glob("round-*")) else []
     cmd = [sys.executable, "-m", "pollinate.cli", "simulate", *run_args, "--method", method, "--out", str(out),
-           "--quiet"]
+           "--quiet", *again]
     proc = subprocess.run(cmd, text=True, capture_output=True)
     if proc.returncode != 0:
         raise RuntimeError(f"bench: '{method}' failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
@@ -253,16 +259,16 @@ def _plot(out: Path, reports: dict[str, dict]) -> None:
 
 def bench(methods: list[str], run_args: list[str], out: Path, memory_probe: dict | None = None,
           per_method: dict[str, list[str]] | None = None, compute_baseline: str | None = None,
-          references: dict[str, list[str]] | None = None) -> list[dict]:
+          references: dict[str, list[str]] | None = None, resume: bool = False) -> list[dict]:
     """Run every method (``per_method``: extra ``--set`` overrides for one method), then each reference
     (``references``: name -> overrides on top of the baseline method's, see ``centralized.reference_overrides``),
-    and write the comparison."""
+    and write the comparison. ``resume``: see :func:`run_method`."""
     out.mkdir(parents=True, exist_ok=True)
     per_method = per_method or {}
     references = references or {}
-    reports = {m: run_method(m, [*run_args, *_sets(per_method.get(m, []))], out / m) for m in methods}
+    reports = {m: run_method(m, [*run_args, *_sets(per_method.get(m, []))], out / m, resume) for m in methods}
     baseline_args = [*run_args, *_sets(per_method.get(methods[0], []))]
-    reports.update({name: run_method(methods[0], [*baseline_args, *_sets(overrides)], out / name)
+    reports.update({name: run_method(methods[0], [*baseline_args, *_sets(overrides)], out / name, resume)
                     for name, overrides in references.items()})
     baseline_loss = reports[methods[0]]["rounds"][-1]["eval_loss"]
     rows = [summarize(report, baseline_loss, name) for name, report in reports.items()]

@@ -189,3 +189,27 @@ def test_bench_centralized_end_to_end(tmp_path):
     assert set(rows) == {"fedavg-lora", "centralized-total", "centralized-sequential"}
     assert rows["fedavg-lora"]["eval_loss_vs_centralized_sequential"] > 0
     assert "Per round, exact_match:" in (out / "bench.md").read_text()
+
+
+def test_resume_reuses_finished_runs_and_resumes_stopped_ones(tmp_path, monkeypatch):
+    from pollinate.simulations import bench as bench_module
+
+    finished, stopped, fresh = tmp_path / "done", tmp_path / "stopped", tmp_path / "fresh"
+    finished.mkdir()
+    (finished / "report.json").write_text('{"method": "fedavg-lora"}')
+    (stopped / "checkpoints" / "round-0002").mkdir(parents=True)
+    calls = []
+
+    def fake_run(cmd, **_kwargs):
+        calls.append(cmd)
+        out = Path(cmd[cmd.index("--out") + 1])
+        out.mkdir(exist_ok=True)
+        (out / "report.json").write_text('{"method": "x"}')
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(bench_module.subprocess, "run", fake_run)
+    assert bench_module.run_method("fedavg-lora", [], finished, resume=True) == {"method": "fedavg-lora"}
+    assert not calls
+    bench_module.run_method("fedavg-lora", [], stopped, resume=True)
+    bench_module.run_method("fedavg-lora", [], fresh, resume=True)
+    assert calls[0][-2:] == ["--resume", str(stopped)] and "--resume" not in calls[1]
