@@ -24,7 +24,7 @@ from pollinate.common.config import RunConfig
 from pollinate.common.report import RunRecorder
 from pollinate.common.wire import wire_bytes
 from pollinate.server.identity import NodeIdentity
-from pollinate.server.replies import finite_number, integer_in, reply_metrics
+from pollinate.server.replies import by_destination, finite_number, integer_in, reply_metrics
 
 
 class ClientEvaluation:
@@ -66,12 +66,8 @@ class ClientEvaluation:
         """Check every reply (rejections recorded, never raised), its client named by ``identity`` (the run's node
         <-> client bindings, shared with training); the example-weighted means, or None."""
         self.identity = identity
-        sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in self._sent}
-        replied: set[int] = set()
-        for msg in replies:
-            node_id = sent_to.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
-            result = self._check(server_round, node_id, msg, first=node_id not in replied)
-            replied.add(node_id)
+        for node_id, msg, first in by_destination(self._sent, replies):
+            result = self._check(server_round, node_id, msg, first=first)
             if result is not None:
                 self._results.append(result)
         mean = self._mean()

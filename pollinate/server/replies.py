@@ -8,12 +8,12 @@ never read (report fields are numbers); the client's identity comes from the nod
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from flwr.app import MetricRecord, RecordDict
+from flwr.app import Message, MetricRecord, RecordDict
 
 from pollinate.common.checks import UpdateRejected
 from pollinate.common.wire import record_to_arrays
@@ -112,3 +112,14 @@ def relative_norm_outliers(replies: list[Reply], factor: float) -> dict[int, str
     return {i: f"update L2 norm {reply.norm:.3g} exceeds {factor:g} x the round's median client norm "
                f"{median:.3g} (federation.relative_norm_bound)"
             for i, reply in enumerate(replies) if reply.norm > factor * median}
+
+
+def by_destination(sent: Iterable[Message], replies: Iterable[Message]) -> Iterator[tuple[int, Message, bool]]:
+    """Each reply with the node its message was sent to, and whether it is that node's first reply this round.
+    Errors the SuperLink makes itself (e.g. "node unavailable") come from its own id: the destination names them."""
+    sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in sent}
+    replied: set[int] = set()
+    for msg in replies:
+        node_id = sent_to.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
+        yield node_id, msg, node_id not in replied
+        replied.add(node_id)

@@ -55,6 +55,7 @@ from pollinate.server.deployment import Deployment
 from pollinate.server.identity import NodeIdentity
 from pollinate.server.replies import (
     Reply,
+    by_destination,
     finite_number,
     integer_in,
     mean_train_loss,
@@ -248,13 +249,10 @@ class PollinateStrategy(Strategy):
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
         self.replies_in(server_round)
-        # Errors the SuperLink makes itself (e.g. "node unavailable") come from its own id: name the destination.
-        sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in self._sent}
         checked: list[Reply] = []
         replied: set[int] = set()
-        for msg in replies:
-            node_id = sent_to.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
-            reply = self._check(server_round, node_id, msg, first=node_id not in replied)
+        for node_id, msg, first in by_destination(self._sent, replies):
+            reply = self._check(server_round, node_id, msg, first=first)
             replied.add(node_id)
             if reply is not None:
                 checked.append(reply)
