@@ -13,7 +13,7 @@ export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER ?= 0
 export RAY_USAGE_STATS_ENABLED ?= 0
 export RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO ?= 0
 
-.PHONY: setup setup-dev run test lint protos clean
+.PHONY: setup setup-dev browser run test lint protos clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -35,7 +35,14 @@ $(VENV)/.dev: $(VENV)/.deps
 	touch $@
 
 setup: $(VENV)/.deps
-setup-dev: $(VENV)/.dev
+setup-dev: $(VENV)/.dev browser
+
+# Chromium for the dashboard's browser tests (Playwright drives Debian's package; `playwright install` needs the
+# internet): installed with apt-get when running as root, skipped quietly otherwise (those tests then skip).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+		{ apt-get install -y -q chromium || { apt-get update -q && apt-get install -y -q chromium; }; } \
+		>/dev/null 2>&1; } || true
 
 run: setup
 	$(BIN)/pollinate simulate

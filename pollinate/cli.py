@@ -18,6 +18,9 @@ from pollinate.common.config import ConfigError, RunConfig
 from pollinate.common.config_io import build_config, describe_fields, to_toml
 from pollinate.common.data import DataError
 from pollinate.common.models import ModelError
+from pollinate.common.suggest import did_you_mean
+from pollinate.export.commands import HANDLERS as RUN_TOOL_HANDLERS
+from pollinate.export.commands import add_parsers as add_run_tool_parsers
 from pollinate.methods import METHODS
 
 USER_ERRORS = (ConfigError, DataError, ModelError)
@@ -27,6 +30,11 @@ quick start:
   pollinate simulate                      a federated run of simulated clients here (built-in model, task)
   pollinate simulate --method fedpipe     the same with another method (see --method)
   pollinate bench                         methods side by side on one setup
+
+after a run (RUN_DIR: its --out):
+  pollinate generate RUN_DIR --prompt "What is 37 + 45?"   answer with the trained model
+  pollinate eval RUN_DIR --data FILE                       its metric on any data file
+  pollinate export RUN_DIR --adapter OUT                   a PEFT adapter with a model card (or --merged OUT)
 
 deploy on several machines:
   pollinate keys init DIR --host NAME     TLS certificates for the coordinator (then `keys node` per client)
@@ -75,10 +83,31 @@ def _toml_value(value: object) -> str:
     return str(value) if isinstance(value, int) else '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with a "did you mean" for a mistyped choice (a command, --method, --scenario)."""
+
+    def _check_value(self, action: argparse.Action, value: object) -> None:
+        try:
+            super()._check_value(action, value)
+        except argparse.ArgumentError as exc:
+            raise argparse.ArgumentError(action, f"{exc.message}{did_you_mean(str(value), action.choices)}") from None
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("pollinate")
+    except PackageNotFoundError:  # run from a source tree without installing
+        from pollinate import __version__
+
+        return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.RawDescriptionHelpFormatter
-    parser = argparse.ArgumentParser(prog="pollinate", description=DESCRIPTION, epilog=QUICK_START,
-                                     formatter_class=fmt)
+    parser = _Parser(prog="pollinate", description=DESCRIPTION, epilog=QUICK_START, formatter_class=fmt)
+    parser.add_argument("--version", action="version", version=f"pollinate {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     simulate = sub.add_parser("simulate", help="run N simulated clients on this machine (Flower + Ray)",
@@ -88,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--resume", metavar="RUN_DIR",
                           help="continue RUN_DIR after its last complete round (config: its config.toml unless "
                                "--config/flags are given, which must then match the checkpoint's)")
+    _add_dashboard_option(simulate, "server.crt/server.key for a dashboard off loopback (`pollinate keys init`)")
 
     bench = sub.add_parser("bench", help="run several methods on the same setup, side by side (table + plots)",
                            epilog=_config_reference(), formatter_class=fmt)
@@ -102,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "(e.g. fedavg-full, SFPrompt's comparison)")
     bench.add_argument("--memory-probe", action="store_true",
                        help="also measure one client's peak training memory per base precision (32/8/4 bits)")
+    bench.add_argument("--resume", action="store_true",
+                       help="continue a bench in --out: reuse the methods that finished, resume one that stopped "
+                            "from its last checkpoint (its config must be the same)")
     bench.add_argument("--centralized", action="store_true",
                        help="also run the baseline (first of --methods, fedavg-lora or fedavg-full) as one client "
                             "on the union of the clients' training data, with the same total steps per round as "
@@ -113,21 +146,26 @@ def build_parser() -> argparse.ArgumentParser:
     show = config_sub.add_parser("show", help="print the effective config as TOML", epilog=_config_reference(),
                                  formatter_class=fmt)
     _add_run_options(show)
+    _add_dashboard_parser(sub)
     _add_deploy_parsers(sub, fmt)
+    add_run_tool_parsers(sub)
     return parser
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
     from rich.console import Console
 
+    from pollinate.dashboard.launch import dashboard_running
     from pollinate.simulations.run import default_run_dir, simulate
 
     cfg, resume_dir = config_and_resume(args)
     run_dir = resume_dir or default_run_dir(cfg)
+    dashboard = dashboard_options(args, None)
     console = Console(stderr=True)
     console.print(f"pollinate simulate: {cfg.method} on {cfg.model.name}, task {cfg.data.source}, "
                   f"{cfg.federation.clients} clients x {cfg.federation.rounds} rounds -> {run_dir}")
-    report = simulate(cfg, run_dir, quiet=args.quiet, resume=resume_dir is not None)
+    with dashboard_running(run_dir, dashboard):
+        report = simulate(cfg, run_dir, quiet=args.quiet, resume=resume_dir is not None)
     _print_summary(report, run_dir, "report.md, metrics.jsonl, adapter/")
     return 0
 
@@ -147,7 +185,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS]
     if not methods or unknown:
-        raise ConfigError(f"--methods {args.methods!r}: unknown {unknown}; expected some of {sorted(METHODS)}")
+        hint = did_you_mean(unknown[0], METHODS) if unknown else ""
+        raise ConfigError(f"--methods {args.methods!r}: unknown {unknown}{hint}; expected some of {sorted(METHODS)}")
     if args.compute_baseline and args.compute_baseline not in methods:
         raise ConfigError(f"--compute-baseline {args.compute_baseline!r}: expected one of --methods {methods}")
     per_method = method_overrides(args.method_set, methods)
@@ -170,7 +209,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     references = centralized_references(args, methods[0], per_method.get(methods[0], [])) if args.centralized else {}
     runs = [*methods, *references]
     print(f"bench: {', '.join(runs)} on {cfg.model.name} / {cfg.data.source} -> {out}", file=sys.stderr)
-    bench(methods, run_args, out, probe, per_method, compute_baseline=args.compute_baseline, references=references)
+    bench(methods, run_args, out, probe, per_method, compute_baseline=args.compute_baseline, references=references,
+          resume=args.resume)
     print((out / "bench.md").read_text())
     return 0
 
@@ -230,7 +270,8 @@ def cmd_config(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handlers = {"simulate": cmd_simulate, "config": cmd_config, "bench": cmd_bench,
-                "coordinator": cmd_coordinator, "join": cmd_join, "keys": cmd_keys}
+                "coordinator": cmd_coordinator, "join": cmd_join, "keys": cmd_keys, "dashboard": cmd_dashboard,
+                **RUN_TOOL_HANDLERS}
     try:
         return handlers[args.command](args)
     except USER_ERRORS as exc:
@@ -258,6 +299,7 @@ def _add_deploy_parsers(sub: argparse._SubParsersAction, fmt: type[argparse.Help
                              help="address clients dial, shown in the join command (default: this host)")
     coordinator.add_argument("--resume", metavar="RUN_DIR",
                              help="continue RUN_DIR after its last complete round (see `simulate --resume`)")
+    _add_dashboard_option(coordinator, "server.crt/server.key for a dashboard off loopback (default: --certs)")
 
     join = sub.add_parser("join", help="join a coordinator as a client, training on local data (Flower SuperNode)")
     join.add_argument("--coordinator", required=True, metavar="HOST:PORT", help="address the coordinator printed")
@@ -328,7 +370,7 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
     cfg, resume_dir = config_and_resume(args)
     run_dir = coordinate(cfg, resume_dir, host=args.host, port=args.port, certs_dir=_path(args.certs),
                          node_keys=[Path(p) for p in args.node_key], insecure=args.insecure,
-                         public_address=args.public_address)
+                         public_address=args.public_address, dashboard=dashboard_options(args, _path(args.certs)))
     _print_summary(json.loads((run_dir / "report.json").read_text()), run_dir,
                    "report.md, metrics.jsonl, checkpoints/, adapter/")
     return 0
@@ -352,6 +394,50 @@ def cmd_keys(args: argparse.Namespace) -> int:
         make_certs(Path(args.dir), args.host, days=args.days, overwrite=args.overwrite)
     else:
         make_node_key(Path(args.dir), args.name, overwrite=args.overwrite)
+    return 0
+
+
+# --- dashboard ------------------------------------------------------------------------------------------------
+def _add_dashboard_option(parser: argparse.ArgumentParser, certs_help: str) -> None:
+    parser.add_argument("--dashboard", metavar="[HOST:]PORT",
+                        help="serve a live dashboard of this run while it runs (a bare port: 127.0.0.1; another "
+                             "address needs TLS and prints a token URL)")
+    parser.add_argument("--dashboard-certs", metavar="DIR", help=certs_help)
+
+
+def _add_dashboard_parser(sub: argparse._SubParsersAction) -> None:
+    from pollinate.dashboard.access import DEFAULT_HOST
+
+    dashboard = sub.add_parser(
+        "dashboard", help="watch a run in a browser: rounds, clients, plans, traffic, rejections (read-only)",
+        description="Serve a live, read-only web page of a finished or running run (or of a bench directory, "
+                    "its methods side by side). Loopback by default; any other address needs --certs (TLS) and "
+                    "prints a URL with a token.")
+    dashboard.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (output.dir) or a bench --out directory")
+    dashboard.add_argument("--host", default=DEFAULT_HOST, help=f"interface to listen on (default {DEFAULT_HOST})")
+    dashboard.add_argument("--port", type=int, default=8765, help="port (default 8765; 0: any free port)")
+    dashboard.add_argument("--certs", metavar="DIR",
+                           help="directory with server.crt and server.key (`pollinate keys init`): TLS")
+
+
+def dashboard_options(args: argparse.Namespace, default_certs: Path | None) -> Any:
+    """``--dashboard`` as checked ``DashboardOptions`` (None without the flag); bad input raises ConfigError."""
+    if not getattr(args, "dashboard", None):
+        return None
+    from pollinate.dashboard.launch import DashboardOptions
+
+    return DashboardOptions.parse(args.dashboard, _path(args.dashboard_certs), default_certs)
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    from pollinate.dashboard.access import plan_access
+    from pollinate.dashboard.launch import serve
+
+    access = plan_access(args.host, args.port, _path(args.certs), flag="--certs")
+    try:
+        serve(Path(args.run_dir), access)
+    except KeyboardInterrupt:
+        print("pollinate dashboard: stopped", file=sys.stderr)
     return 0
 
 

@@ -13,6 +13,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
+from pollinate.common.suggest import did_you_mean
+
 
 class ConfigError(ValueError):
     """A configuration value or key the user must fix; the message names it."""
@@ -31,7 +33,8 @@ def require(cond: bool, name: str, value: Any, expected: str) -> None:
 
 def one_of(name: str, value: Any, allowed: typing.Iterable[Any]) -> None:
     allowed = list(allowed)
-    require(value in allowed, name, value, f"one of {allowed}")
+    hint = did_you_mean(value, allowed) if isinstance(value, str) else ""
+    require(value in allowed, name, value, f"one of {allowed}{hint}")
 
 
 @dataclass
@@ -246,8 +249,17 @@ class OutputConfig:
 
     dir: str = config_field("Run directory (default: runs/<timestamp>)", default="")
     plots: bool = config_field("Write PNG plots and report.md", default=True)
+    loggers: list[str] = config_field(
+        "Experiment trackers that also receive every round's metrics: any of tensorboard, mlflow, trackio, wandb "
+        "(each needs its extra: pip install 'pollinate[tensorboard]')", default_factory=list)
+
+    def __post_init__(self) -> None:
+        for name in self.loggers:
+            one_of("output.loggers[]", name, LOGGERS)
+        require(len(set(self.loggers)) == len(self.loggers), "output.loggers", self.loggers, "no repeated logger")
 
 
+LOGGERS = ("tensorboard", "mlflow", "trackio", "wandb")
 
 
 # Method sections and method names, filled by ``pollinate.methods.register_method`` (this module knows no method).

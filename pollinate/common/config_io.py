@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from pollinate.common.config import METHOD_SECTIONS, RENAMED_KEYS, ConfigError, RunConfig, require
+from pollinate.common.suggest import did_you_mean
 
 
 def _field_types(cls: type) -> dict[str, Any]:
@@ -57,8 +58,9 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     return cls(**_parse_fields(_field_types(cls), raw, prefix))
 
 
-def _parse_fields(types_: dict[str, Any], raw: Any, prefix: str) -> dict[str, Any]:
-    """Type-checked keyword arguments for a section whose fields have ``types_``."""
+def _parse_fields(types_: dict[str, Any], raw: Any, prefix: str, allowed: typing.Iterable[str] = ()) -> dict[str, Any]:
+    """Type-checked keyword arguments for a section whose fields have ``types_``; ``allowed`` names more keys
+    that are valid here (the top level's method sections) for the unknown-key error."""
     if not isinstance(raw, dict):
         raise ConfigError(f"config section '{prefix.rstrip('.') or '<root>'}' must be a table, got {raw!r}")
     unknown = sorted(set(raw) - set(types_))
@@ -67,7 +69,9 @@ def _parse_fields(types_: dict[str, Any], raw: Any, prefix: str) -> dict[str, An
         if renamed:
             raise ConfigError(f"config key '{prefix}{unknown[0]}' no longer exists; use {renamed}")
         where = f"section [{prefix.rstrip('.')}]" if prefix else "the top level"
-        raise ConfigError(f"unknown config key '{prefix}{unknown[0]}' in {where}; allowed: {sorted(types_)}")
+        valid = sorted({*types_, *allowed})
+        hint = did_you_mean(unknown[0], valid, prefix)
+        raise ConfigError(f"unknown config key '{prefix}{unknown[0]}' in {where}{hint}; allowed: {valid}")
     kwargs = {}
     for key, value in raw.items():
         tp = types_[key]
@@ -83,12 +87,7 @@ def config_from_dict(raw: dict[str, Any]) -> RunConfig:
     sections = dict(METHOD_SECTIONS)
     core_raw = {k: v for k, v in raw.items() if k not in sections}
     methods = {name: _build(cls, raw.get(name, {}), f"{name}.") for name, cls in sections.items()}
-    try:
-        core = _parse_fields(core_types, core_raw, "")
-    except ConfigError as exc:
-        if "at the top level" not in str(exc) and "the top level" not in str(exc):
-            raise
-        raise ConfigError(f"{str(exc).split('; allowed')[0]}; allowed: {sorted(core_types | sections)}") from None
+    core = _parse_fields(core_types, core_raw, "", allowed=sections)
     return RunConfig(**core, methods=methods)
 
 

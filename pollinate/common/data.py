@@ -19,6 +19,7 @@ import torch
 
 from pollinate.common.config import DataConfig
 from pollinate.common.seeds import derive_seed
+from pollinate.common.suggest import closest
 
 BUILTIN_TASKS = ("skills",)
 PROMPT_TEMPLATE = "Question: {prompt}\nAnswer:"
@@ -144,7 +145,10 @@ def _check_fields(rows: list[dict[str, Any]], fields: Sequence[str], source: str
     have = sorted(rows[0].keys())
     for name, key in zip(fields, config_keys, strict=True):
         if name not in rows[0]:
-            raise DataError(f"data source '{source}' has no field '{name}' (set by {key}); its fields are {have}")
+            match = closest(name, have)
+            fix = f"--set {key}={match}" if match else f"--set {key}=<one of them>"
+            raise DataError(f"data source '{source}' has no field '{name}' (set by {key}); its fields are {have}: "
+                            f"use {fix}")
 
 
 def resolve_task_type(cfg: DataConfig, model_task: str) -> str:

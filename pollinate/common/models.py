@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from pollinate.common.pooling import resolve_pooling, use_mean_pooling
+from pollinate.common.suggest import did_you_mean
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PRESETS = ("smollm2-135m", "minilm", "tiny-llama", "tiny-bert", "smollm2-shape")
@@ -183,7 +184,8 @@ def resolve_model(name: str) -> ModelInfo:
     else:
         directory = Path(name).expanduser()
         if not directory.is_dir():
-            raise ModelError(f"model {name!r} is neither a preset {list(PRESETS)} nor an existing directory")
+            raise ModelError(f"model {name!r} is neither a preset {list(PRESETS)} nor an existing directory"
+                             f"{did_you_mean(name, PRESETS)}")
         if not (directory / "config.json").is_file():
             raise ModelError(f"model directory '{directory}' is not a Hugging Face model (no config.json)")
         path = str(directory.resolve())

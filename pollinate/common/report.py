@@ -15,12 +15,15 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
+
+from pollinate.common.trackers import Tracker, round_scalars, round_texts
 
 PEER_TEXT_LIMIT = 200  # characters of peer-supplied text kept in metrics, reports and the console
 
@@ -54,7 +57,9 @@ def human_bytes(n: float) -> str:
 class RunRecorder:
     """Collects per-round records, appends them to metrics.jsonl as they happen and prints progress."""
 
-    def __init__(self, run_dir: Path, header: dict[str, Any], console: Console | None = None, quiet: bool = False):
+    def __init__(self, run_dir: Path, header: dict[str, Any], console: Console | None = None, quiet: bool = False,
+                 trackers: Sequence[Tracker] = ()):
+        self.trackers = list(trackers)  # output.loggers: they receive every round too
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.header = header
@@ -86,6 +91,8 @@ class RunRecorder:
     def initial(self, evaluation: dict[str, Any]) -> None:
         self.initial_eval = evaluation
         self.event("initial_eval", **evaluation)
+        for tracker in self.trackers:
+            tracker.log(0, round_scalars(evaluation), {})
         if not self.quiet:
             self.console.print(f"round 0 (before training): eval_loss {evaluation['eval_loss']:.4f} "
                                f"{_headline(evaluation['eval_metrics'])}")
@@ -93,6 +100,11 @@ class RunRecorder:
     def round_done(self, record: dict[str, Any]) -> None:
         self.rounds.append(record)
         self.event("round", **{k: v for k, v in record.items() if k != "clients"})
+        if self.trackers:
+            totals = {key: sum(r[key] for r in self.rounds) for key in ("bytes_up", "bytes_down")}
+            scalars, texts = round_scalars(record, totals), round_texts(record)
+            for tracker in self.trackers:
+                tracker.log(record["round"], scalars, texts)
         if not self.quiet:
             up = sum(r["bytes_up"] for r in self.rounds)
             down = sum(r["bytes_down"] for r in self.rounds)
@@ -138,6 +150,8 @@ class RunRecorder:
         if plots:
             write_markdown(self.run_dir, report)
         self._metrics.close()
+        for tracker in self.trackers:
+            tracker.close()
         return report
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from pollinate.common.config import ConfigError, RunConfig
 from pollinate.common.config_io import to_toml
@@ -18,6 +18,9 @@ from pollinate.deploy.join import JoinSpec, join
 from pollinate.deploy.keyfiles import PASSPHRASE_ENV, key_passphrase
 from pollinate.deploy.keys import CertPaths, create_node_key, init_certs
 from pollinate.server.deployment import Deployment
+
+if TYPE_CHECKING:
+    from pollinate.dashboard.launch import DashboardOptions
 
 
 def deployment_facts(host: str, public_address: str | None, certs_dir: Path | None) -> Deployment:
@@ -30,12 +33,15 @@ def deployment_facts(host: str, public_address: str | None, certs_dir: Path | No
 def coordinate(
     cfg: RunConfig, resume_dir: Path | None, *, host: str, port: int, certs_dir: Path | None,
     node_keys: Sequence[Path], insecure: bool, public_address: str | None, echo: TextIO | None = None,
+    dashboard: DashboardOptions | None = None,
 ) -> Path:
     """Run ``cfg`` for clients joining from other machines until it completes; return the run directory.
 
     ``resume_dir`` continues that run after its last complete round; otherwise a run directory that already holds
     checkpoints is refused. Certificates, node keys and the port are checked before the model and data load.
+    ``dashboard`` serves a live dashboard of the run while it runs.
     """
+    from pollinate.dashboard.launch import dashboard_running
     from pollinate.server.checkpoint import latest_round
     from pollinate.simulations.run import default_run_dir, preflight
 
@@ -56,7 +62,8 @@ def coordinate(
     preflight(cfg)  # the model resolves (building a preset cache once) and the server's eval data loads
     print(f"pollinate coordinator: {cfg.method} on {cfg.model.name}, {cfg.federation.clients} clients x "
           f"{cfg.federation.rounds} rounds{' (resumed)' if resume_dir else ''} -> {run_dir}", file=sys.stderr)
-    coordinator.run()
+    with dashboard_running(run_dir, dashboard):
+        coordinator.run()
     return run_dir
 
 

@@ -22,6 +22,7 @@ from pollinate.common.config import ConfigError, RunConfig
 from pollinate.common.config_io import to_toml
 from pollinate.common.models import resolve_model
 from pollinate.common.report import RunRecorder, atomic_write_text
+from pollinate.common.trackers import open_trackers
 from pollinate.common.wire import arrays_to_record
 from pollinate.methods import get_method
 from pollinate.server.checkpoint import find_resume_point, restore_rng_state
@@ -65,7 +66,8 @@ def run_server(grid: Grid, cfg: RunConfig, run_dir: Path, quiet: bool = False, r
         "task": cfg.data.source, "num_clients": cfg.federation.clients, "rounds_planned": cfg.federation.rounds,
         "seed": cfg.federation.seed, **({"data": data} if data else {}),
     }
-    recorder = RunRecorder(run_dir, header, quiet=quiet)
+    recorder = RunRecorder(run_dir, header, quiet=quiet,
+                           trackers=open_trackers(cfg.output.loggers, run_dir, cfg.to_dict()))
     if point is None:
         # Node sampling (python random) and any numpy use on the server follow the run seed.
         random.seed(cfg.federation.seed)

@@ -20,6 +20,9 @@ from pollinate.common.config import RunConfig
 from pollinate.common.data import load_task, partition_indices, resolve_task_type
 from pollinate.common.environment import SIMULATION_ENV, set_env_defaults
 from pollinate.common.models import resolve_model
+from pollinate.common.targets import check_target_modules, module_names
+from pollinate.common.trackers import check_trackers
+from pollinate.methods import get_method
 
 
 def quiet_library_warnings() -> None:
@@ -35,10 +38,15 @@ def default_run_dir(cfg: RunConfig) -> Path:
 
 
 def preflight(cfg: RunConfig) -> dict[str, Any]:
-    """Fail before any process starts: the model resolves, the data loads and partitions without empties.
-    Returns what the run's header reports of the data: examples in training and eval, and per client."""
+    """Fail before any process starts: the trackers are installed, the model resolves, the LoRA targets exist,
+    the data loads and partitions without empties. Returns what the run's header reports of the data: examples
+    in training and eval, and per client."""
+    check_trackers(cfg.output.loggers)
     info = resolve_model(cfg.model.name)
     task = resolve_task_type(cfg.data, info.default_task)
+    if cfg.lora.target_modules and "lora" in get_method(cfg.method).shared_sections:
+        check_target_modules(cfg.lora.target_modules, module_names(info.path, task), "lora.target_modules",
+                             cfg.model.name)
     data = load_task(cfg.data, task, cfg.federation.seed)
     parts = partition_indices(data.train, cfg.federation.clients, cfg.data, data.partition_by, cfg.federation.seed)
     return {"train_examples": len(data.train), "eval_examples": len(data.eval),

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +46,7 @@ from pollinate.methods.fedpipe import head, update_space
 from pollinate.methods.fedpipe.codec import WIRE_BYTES_PER_PARAM, decode_bundle, encode_bundle
 from pollinate.methods.fedpipe.factors import LORA_ALPHA_PER_RANK, factors_for_client, lora_keys
 from pollinate.methods.fedpipe.lowrank import LoraFactors, apply_weighted_updates
+from pollinate.methods.fedpipe.peft_adapter import global_to_peft
 from pollinate.methods.fedpipe.planner import (
     ClientPlan,
     PlanInfeasible,
@@ -149,7 +149,9 @@ class FedPipe(PollinateStrategy):
         head_params = {"head_params": self.spec.head_params} if self.spec.head_params else {}
         self.recorder.event("plans", round=server_round,
                             importance_top=sorted(self.importance, key=self.importance.get)[-5:],
-                            plans={str(c): _plan_summary(p) for c, p in new_plans.items()}, **head_params)
+                            # module_ranks: each module's rank, for the dashboard's heat map
+                            plans={str(c): {**_plan_summary(p), "module_ranks": dict(p.ranks)}
+                                   for c, p in new_plans.items()}, **head_params)
 
     def _read_prepare_reply(self, node_id: int,
                             content: RecordDict) -> tuple[int, dict[str, float], int, ResourceProfile]:
@@ -352,32 +354,21 @@ class FedPipe(PollinateStrategy):
         return self.evaluator.evaluate(self.model)
 
     def save_final(self, arrays: ArrayRecord) -> dict[str, Any]:
-        """The global ΔW as a PEFT LoRA adapter (per-module rank, alpha = rank so scaling is 1), with a
-        classifier's head as its ``modules_to_save``."""
-        from peft import LoraConfig, TaskType, get_peft_model
+        """The global ΔW as a PEFT LoRA adapter (``peft_adapter``: per-module rank, alpha = rank so scaling is 1),
+        with a classifier's head as its ``modules_to_save``."""
+        from peft import get_peft_model
 
-        current = self.global_factors(arrays)
+        from pollinate.common.adapters import load_adapter_state
+
         extra = {"plans": {str(c): _plan_summary(p) for c, p in self.plans.items()},
                  "importance": self.importance, "truncation_error": self.truncation}
-        if not current:
+        converted = global_to_peft(record_to_arrays(arrays), self.head_modules, self.task)
+        if converted is None:
             return {"adapter_dir": None, "fedpipe": extra}
-        ranks = {m: f.rank for m, f in current.items()}
-        config = LoraConfig(
-            r=max(ranks.values()), lora_alpha=max(ranks.values()), target_modules=sorted(current),
-            rank_pattern={re.escape(m): r for m, r in ranks.items()},
-            alpha_pattern={re.escape(m): float(r) for m, r in ranks.items()},
-            lora_dropout=0.0, modules_to_save=self.head_modules or None,
-            task_type=TaskType.CAUSAL_LM if self.task == "generation" else TaskType.SEQ_CLS,
-        )
+        config, state = converted
         base = load_model(self.evaluator.model_path, self.task, self.evaluator.num_labels,
                           pooling=self.cfg.model.pooling)
         model = get_peft_model(base, config)
-        from pollinate.common.adapters import load_adapter_state
-
-        state = self.global_head(arrays)
-        for module, factors in current.items():
-            key_a, key_b = lora_keys(module)
-            state[key_a], state[key_b] = factors.a, factors.b
         load_adapter_state(model, state)
         adapter_dir = self.run_dir / "adapter"
         model.save_pretrained(adapter_dir)
