@@ -161,7 +161,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     cfg, resume_dir = config_and_resume(args)
     run_dir = resume_dir or default_run_dir(cfg)
     dashboard = dashboard_options(args, None)
-    console = Console(stderr=True)
+    console = Console(stderr=True, soft_wrap=True)
     console.print(f"pollinate simulate: {cfg.method} on {cfg.model.name}, task {cfg.data.source}, "
                   f"{cfg.federation.clients} clients x {cfg.federation.rounds} rounds -> {run_dir}")
     with dashboard_running(run_dir, dashboard):

@@ -54,7 +54,7 @@ def check_lora_training_and_eval(path: str) -> None:
 
 
 def check_quantized_base(path: str, bits: int) -> None:
-    from pollinate.methods.fedpipe.quantize import prepare_quantized_model, quantization_config
+    from pollinate.common.quantize import prepare_quantized_model, quantization_config
 
     tokenizer = load_tokenizer(path)
     torch.manual_seed(0)

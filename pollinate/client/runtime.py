@@ -15,10 +15,10 @@ from typing import Any
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
+from pollinate.client.step import StepOptions, accumulated_step, finish_step, loss_scaler, use_gradient_checkpointing
 from pollinate.common.config import RunConfig
 from pollinate.common.data import ExampleStream, encoder_for, load_task, partition_indices, resolve_task_type
 from pollinate.common.evaluation import EvalExamples, evaluate_model, held_out_indices, metric_name
-from pollinate.common.lmloss import training_loss
 from pollinate.common.models import load_model, load_tokenizer, model_device, resolve_model
 from pollinate.common.pooling import resolve_pooling
 from pollinate.common.seeds import derive_seed
@@ -96,7 +96,7 @@ def local_data(cfg: RunConfig, node_config: dict[str, Any]) -> LocalData:
                                 derive_seed(cfg.federation.seed, "client-eval-rows", partition_id))
         held_set = set(held)
         tokenizer = tokenizer_for(cfg)
-        encode = encoder_for(task_data.task_type)
+        encode = encoder_for(task_data.task_type, data_cfg.template)
 
         def encoded(picked: list[dict[str, Any]]) -> list[dict[str, Any]]:
             return [encode(r, tokenizer, cfg.model.max_seq_len) for r in picked]
@@ -160,10 +160,7 @@ def optimizer_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, params:
                    max_grad_norm: float) -> float:
     """One step of every client loop: backward, clip (when ``max_grad_norm`` > 0), step, clear; the loss out."""
     loss.backward()
-    if max_grad_norm > 0:
-        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    finish_step(optimizer, params, max_grad_norm)
     return float(loss.detach())
 
 
@@ -195,9 +192,10 @@ def proximal_term(params: list[torch.nn.Parameter], mu: float):
 
 def train_steps(model: torch.nn.Module, batches, steps: int, lr: float, weight_decay: float,
                 max_grad_norm: float, *, head_lr: float = 0.0, head_modules: list[str] | None = None,
-                prox_mu: float = 0.0) -> dict[str, float]:
+                prox_mu: float = 0.0, options: StepOptions | None = None) -> dict[str, float]:
     """The local loop: batches in, loss (+ the FedProx term when ``prox_mu`` > 0), backward, clip, step; mean
-    task loss and seconds out. ``head_modules``' parameters train at ``head_lr`` (0 = ``lr``)."""
+    task loss and seconds out. ``head_modules``' parameters train at ``head_lr`` (0 = ``lr``); ``options`` split
+    each batch into micro-batches and set the autocast precision (default: one batch, fp32)."""
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
     groups = optimizer_groups(named, lr, head_lr, head_modules or [])
@@ -206,12 +204,13 @@ def train_steps(model: torch.nn.Module, batches, steps: int, lr: float, weight_d
     model.train()
     losses = []
     device = model_device(model)
+    options = options or StepOptions()
+    scaler = loss_scaler(options.precision, device)
     start = time.perf_counter()
     for _ in range(steps):
         batch = {k: v.to(device) for k, v in batches.next_batch().items()}
-        loss = training_loss(model, batch)
-        optimizer_step(optimizer, loss if proximal is None else loss + proximal(), params, max_grad_norm)
-        losses.append(float(loss.detach()))
+        losses.append(accumulated_step(model, batch, optimizer, params, max_grad_norm, options, device,
+                                       proximal, scaler))
     return {"train_loss": sum(losses) / len(losses), "train_seconds": time.perf_counter() - start}
 
 
@@ -227,14 +226,16 @@ def local_training(cfg: RunConfig, data: LocalData, model: torch.nn.Module, serv
                    batch_size: int | None = None, steps: int | None = None) -> dict[str, float]:
     """This client's round of local steps (default ``train.local_steps``/``batch_size``): seeded, so the same
     seed + round + client gives the same batches and dropout. ``cfg.train.lr``/``head_lr`` are the round's (the
-    client app applies the server's ``lr-scale``)."""
+    client app applies the server's ``lr-scale``); ``grad_accumulation``, ``precision`` and
+    ``gradient_checkpointing`` shape each step."""
     seed_everything(cfg, server_round, data.client_id)
     batches = ExampleStream(data.encoded, batch_size or cfg.train.batch_size, tokenizer_for(cfg).pad_token_id,
                             seed=derive_seed(cfg.federation.seed, "client-batches", server_round, data.client_id))
     train = cfg.train
+    use_gradient_checkpointing(model, train.gradient_checkpointing)
     return train_steps(model, batches, steps or train.local_steps, train.lr, train.weight_decay, train.max_grad_norm,
                        head_lr=train.head_lr, head_modules=head_modules_for(cfg) if train.head_lr > 0 else None,
-                       prox_mu=train.prox_mu)
+                       prox_mu=train.prox_mu, options=StepOptions(train.grad_accumulation, train.precision))
 
 
 def training_reply(cfg: RunConfig, node_config: dict[str, Any], data: LocalData, stats: dict[str, float],
@@ -262,7 +263,7 @@ def evaluation_reply(cfg: RunConfig, data: LocalData, model: torch.nn.Module | N
     ``eval_loss`` and task metric (``accuracy`` or ``exact_match``) on this client's held-out examples."""
     values: dict[str, Any] = {"num-examples": 0, "client_id": data.client_id}
     if model is not None and data.eval_encoded:
-        examples = EvalExamples(data.task_type, data.eval_rows, data.eval_encoded)
+        examples = EvalExamples(data.task_type, data.eval_rows, data.eval_encoded, template=cfg.data.template)
         result = evaluate_model(model, examples, tokenizer_for(cfg), cfg.eval.batch_size, cfg.eval.max_new_tokens)
         name = metric_name(data.task_type)
         values.update({"num-examples": len(data.eval_encoded), "eval_loss": float(result["eval_loss"]),

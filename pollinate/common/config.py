@@ -37,12 +37,18 @@ def one_of(name: str, value: Any, allowed: typing.Iterable[Any]) -> None:
     require(value in allowed, name, value, f"one of {allowed}{hint}")
 
 
+PRECISIONS = ("fp32", "bf16", "fp16")
+PROMPT_TEMPLATES = ("plain", "alpaca", "chat")
+LORA_BASE_BITS = (32, 8, 4)
+
+
 @dataclass
 class ModelConfig:
     """Which pretrained model to fine-tune."""
 
     name: str = config_field(
-        "Preset (smollm2-135m, minilm, tiny-llama, tiny-bert) or a local Hugging Face model directory",
+        "Preset (smollm2-135m, minilm, tiny-llama, tiny-bert), a local Hugging Face model directory, or a Hub id "
+        "already in the local Hugging Face cache (e.g. HuggingFaceTB/SmolLM2-135M-Instruct; runs are offline)",
         default="smollm2-135m",
     )
     max_seq_len: int = config_field("Truncate tokenized examples to this many tokens", default=64)
@@ -52,7 +58,7 @@ class ModelConfig:
         default="auto")
 
     def __post_init__(self) -> None:
-        require(bool(self.name), "model.name", self.name, "a preset name or a model directory")
+        require(bool(self.name), "model.name", self.name, "a preset, a model directory or a Hub id")
         require(8 <= self.max_seq_len <= 8192, "model.max_seq_len", self.max_seq_len, "an int in [8, 8192]")
         one_of("model.pooling", self.pooling, ("auto", "mean", "cls"))
 
@@ -85,8 +91,14 @@ class DataConfig:
         "Use at most this many training examples of the source (after the eval split; 0 = all)", default=0)
     eval_examples: int = config_field("Held-out examples evaluated on the server each round", default=60)
     eval_fraction: float = config_field("Files without a split: fraction held out for evaluation", default=0.1)
+    template: str = config_field(
+        "Generation: how a prompt becomes model input: plain (Question: {prompt}\\nAnswer:) | alpaca | chat (the "
+        "tokenizer's chat template; rows with a 'messages' list of {role, content} use it, the last assistant "
+        "message is the response) | a format string containing {prompt}", default="plain")
 
     def __post_init__(self) -> None:
+        require(self.template in PROMPT_TEMPLATES or "{prompt}" in self.template, "data.template", self.template,
+                f"one of {list(PROMPT_TEMPLATES)} or a format string containing {{prompt}}")
         one_of("data.task_type", self.task_type, ("auto", "generation", "classification"))
         one_of("data.partition", self.partition, ("iid", "dirichlet", "pathological"))
         require(self.dirichlet_alpha > 0, "data.dirichlet_alpha", self.dirichlet_alpha, "a float > 0")
@@ -115,6 +127,13 @@ class FederationConfig:
     round_timeout_s: float = config_field("Seconds to wait for client replies in a round", server_only=True,
                                           default=3600.0)
     client_cpus: float = config_field("Simulation: CPU cores reserved per client (Ray)", server_only=True, default=1.0)
+    client_gpus: float = config_field(
+        "Simulation: GPUs reserved per client (Ray; a fraction shares one, e.g. 0.25 = four clients per GPU; "
+        "0 = clients get no GPU)", server_only=True, default=0.0)
+    ray_address: str = config_field(
+        "Simulation: address of an existing Ray cluster to run the clients on (e.g. auto, 10.0.0.5:6379, "
+        "ray://head:10001; Pollinate must be installed on its nodes); empty = start a local Ray", server_only=True,
+        default="")
     scenario: str = config_field(
         "Simulation: resource profiles assigned to clients (uniform | tiers | mixed); enforced: a client's "
         "round time is its compute (scaled to its profile) + bytes / its bandwidth", default="uniform")
@@ -152,6 +171,7 @@ class FederationConfig:
                  f"an int in [0, clients={self.clients}]")
         require(self.round_timeout_s > 0, "federation.round_timeout_s", self.round_timeout_s, "a float > 0")
         require(self.client_cpus > 0, "federation.client_cpus", self.client_cpus, "a float > 0")
+        require(self.client_gpus >= 0, "federation.client_gpus", self.client_gpus, "a float >= 0")
         one_of("federation.scenario", self.scenario, ("uniform", "tiers", "mixed"))
         require(self.deadline_s > 0, "federation.deadline_s", self.deadline_s, "a float > 0")
         require(self.max_examples_per_client >= 1, "federation.max_examples_per_client",
@@ -190,6 +210,16 @@ class TrainConfig:
                                       default=0)
     min_lr_ratio: float = config_field("The schedule's final learning rate as a fraction of train.lr",
                                        server_only=True, default=0.1)
+    grad_accumulation: int = config_field(
+        "Micro-batches per optimizer step: each step's train.batch_size examples are split into this many "
+        "micro-batches whose gradients add up to the whole batch's (less activation memory, the same step)",
+        default=1)
+    gradient_checkpointing: bool = config_field(
+        "Recompute activations in the backward pass instead of keeping them (less memory, more compute)",
+        default=False)
+    precision: str = config_field(
+        "Autocast of the forward pass: fp32 (off) | bf16 (CPU or a bf16-capable GPU) | fp16 (CUDA only, with "
+        "loss scaling); the trained weights stay fp32", default="fp32")
 
     def __post_init__(self) -> None:
         require(self.local_steps >= 1, "train.local_steps", self.local_steps, "an int >= 1")
@@ -202,6 +232,11 @@ class TrainConfig:
         one_of("train.lr_schedule", self.lr_schedule, ("constant", "cosine", "linear"))
         require(self.warmup_rounds >= 0, "train.warmup_rounds", self.warmup_rounds, "an int >= 0")
         require(0 <= self.min_lr_ratio <= 1, "train.min_lr_ratio", self.min_lr_ratio, "a float in [0, 1]")
+        require(1 <= self.grad_accumulation <= self.batch_size, "train.grad_accumulation", self.grad_accumulation,
+                f"an int in [1, train.batch_size={self.batch_size}]")
+        require(isinstance(self.gradient_checkpointing, bool), "train.gradient_checkpointing",
+                self.gradient_checkpointing, "true or false")
+        one_of("train.precision", self.precision, PRECISIONS)
 
 
 @dataclass
@@ -215,9 +250,13 @@ class LoraConfig:
         "Module name suffixes to adapt; empty = the family default (q_proj,v_proj / query,value)",
         default_factory=list,
     )
+    base_bits: int = config_field(
+        "fedavg-lora: the frozen base under the adapter: 32 (fp32) | 8 (LLM.int8) | 4 (NF4, as QLoRA); "
+        "bitsandbytes quantizes it on load", default=32)
 
     def __post_init__(self) -> None:
         require(self.r >= 1, "lora.r", self.r, "an int >= 1")
+        one_of("lora.base_bits", self.base_bits, LORA_BASE_BITS)
         require(self.alpha > 0, "lora.alpha", self.alpha, "a float > 0")
         require(0 <= self.dropout < 1, "lora.dropout", self.dropout, "a float in [0, 1)")
         require(all(isinstance(m, str) and m for m in self.target_modules), "lora.target_modules",
@@ -226,7 +265,8 @@ class LoraConfig:
 
 @dataclass
 class EvalConfig:
-    """Server-side evaluation of the global model after every round."""
+    """Evaluation of the global model: on the server (every ``every`` rounds) and on the clients' held-out
+    examples."""
 
     batch_size: int = config_field("Examples per evaluation batch", default=20)
     max_new_tokens: int = config_field("Generation: tokens generated for exact-match scoring", default=8)
@@ -235,12 +275,15 @@ class EvalConfig:
         "the global model on every round (0 = off)", default=0.1)
     client_max_examples: int = config_field("Federated evaluation: at most this many held-out examples per client",
                                             default=50)
+    every: int = config_field("Evaluate the global model on the server every this many rounds (and always after "
+                              "the last); other rounds record eval_loss null", server_only=True, default=1)
 
     def __post_init__(self) -> None:
         require(self.batch_size >= 1, "eval.batch_size", self.batch_size, "an int >= 1")
         require(self.max_new_tokens >= 1, "eval.max_new_tokens", self.max_new_tokens, "an int >= 1")
         require(0 <= self.client_fraction < 1, "eval.client_fraction", self.client_fraction, "a float in [0, 1)")
         require(self.client_max_examples >= 1, "eval.client_max_examples", self.client_max_examples, "an int >= 1")
+        require(self.every >= 1, "eval.every", self.every, "an int >= 1")
 
 
 @dataclass

@@ -34,12 +34,15 @@ class EvalExamples:
         The same rows encoded for the model (``input_ids``, ``labels``).
     group_key : str, default ""
         Generation: also report exact match per value of this field (``""``: overall only).
+    template : str, default "plain"
+        Generation: the run's ``data.template``, which puts each prompt in the form the model was trained on.
     """
 
     task_type: str
     rows: list[dict[str, Any]]
     encoded: list[dict[str, Any]]
     group_key: str = ""
+    template: str = "plain"
 
 
 def metric_name(task_type: str) -> str:
@@ -95,13 +98,14 @@ def generation_loss(model: torch.nn.Module, encoded: list[dict[str, Any]], pad_i
 
 @torch.no_grad()
 def generate_answers(model: torch.nn.Module, tokenizer: Any, rows: list[dict[str, Any]], batch_size: int,
-                     max_new_tokens: int) -> list[str]:
-    """Greedy answers to every row's prompt, first line only (left padding so generation continues each
-    prompt)."""
+                     max_new_tokens: int, template: str = "plain") -> list[str]:
+    """Greedy answers to every row's prompt put in ``template``, first line only (left padding so generation
+    continues each prompt)."""
     model.eval()
     answers: list[str] = []
     for chunk in _batches(rows, batch_size):
-        ids = [tokenizer(format_prompt(r["prompt"]), add_special_tokens=False)["input_ids"] for r in chunk]
+        ids = [tokenizer(format_prompt(r["prompt"], template, tokenizer), add_special_tokens=False)["input_ids"]
+               for r in chunk]
         prompts = [{"input_ids": x, "labels": [-100] * len(x)} for x in ids]
         batch = _on(model, collate(prompts, tokenizer.pad_token_id, pad_left=True))
         out = model.generate(
@@ -133,7 +137,7 @@ def evaluate_model(model: torch.nn.Module, examples: EvalExamples, tokenizer: An
     forward signature (``input_ids, attention_mask, labels -> loss, logits``), and ``generate`` for generation."""
     pad_id = tokenizer.pad_token_id
     if examples.task_type == "generation":
-        answers = generate_answers(model, tokenizer, examples.rows, batch_size, max_new_tokens)
+        answers = generate_answers(model, tokenizer, examples.rows, batch_size, max_new_tokens, examples.template)
         metrics = exact_match(examples.rows, answers, examples.group_key)
         return {"eval_loss": generation_loss(model, examples.encoded, pad_id, batch_size), "eval_metrics": metrics}
     loss, accuracy = loss_and_accuracy(model, examples.encoded, pad_id, batch_size)

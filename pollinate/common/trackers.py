@@ -70,7 +70,7 @@ def _numbers(prefix: str, value: Any) -> dict[str, float]:
 
 def round_scalars(record: dict[str, Any], totals: dict[str, int] | None = None) -> dict[str, float]:
     """A round record (``RunRecorder.round_done``; or the initial evaluation) as tracker scalars."""
-    scalars = {"eval/loss": float(record["eval_loss"])}
+    scalars = {} if record["eval_loss"] is None else {"eval/loss": float(record["eval_loss"])}  # eval.every
     scalars.update(_numbers("eval", record.get("eval_metrics", {})))
     if record.get("train_loss") is not None:
         scalars["train/loss"] = float(record["train_loss"])

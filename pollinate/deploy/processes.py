@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -22,6 +23,14 @@ from typing import TextIO
 import psutil
 
 from pollinate.deploy.keyfiles import PASSPHRASE_ENV
+
+# Terminal colour/cursor codes: Flower colours its log levels even into a pipe.
+_ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+def plain_line(line: str) -> str:
+    """``line`` without terminal escape codes (for log files, and consoles that are not a terminal)."""
+    return _ANSI_ESCAPE.sub("", line)
 
 
 def flwr_executable(name: str) -> str:
@@ -102,6 +111,7 @@ class ChildProcess:
         self.log_path = log_path
         self._tail: collections.deque[str] = collections.deque(maxlen=40)
         self._echo = echo
+        self._echo_colour = bool(getattr(echo, "isatty", lambda: False)())
         self._on_line = on_line
         log_path.parent.mkdir(parents=True, exist_ok=True)
         # Own session: a terminal Ctrl-C reaches only Pollinate, which then stops the tree in order.
@@ -125,12 +135,13 @@ class ChildProcess:
         assert self.popen.stdout is not None
         with open(self.log_path, "a", encoding="utf-8", errors="replace") as log:
             for raw in self.popen.stdout:
-                line = raw.decode("utf-8", errors="replace").rstrip("\n")
+                coloured = raw.decode("utf-8", errors="replace").rstrip("\n")
+                line = plain_line(coloured)
                 log.write(line + "\n")
                 log.flush()
                 self._tail.append(line)
                 if self._echo is not None:
-                    self._echo.write(f"[{self.name}] {line}\n")
+                    self._echo.write(f"[{self.name}] {coloured if self._echo_colour else line}\n")
                     self._echo.flush()
                 if self._on_line is not None:
                     self._on_line(line)

@@ -71,7 +71,8 @@ def _results_table(history: list[dict[str, Any]]) -> list[str]:
     for r in history:
         train = "-" if r.get("train_loss") is None else f"{r['train_loss']:.4f}"
         value = r["eval_metrics"].get(name)
-        lines.append(f"| {r['round']} | {train} | {r['eval_loss']:.4f} | {'-' if value is None else f'{value:.3f}'} "
+        loss = "-" if r["eval_loss"] is None else f"{r['eval_loss']:.4f}"  # a round eval.every skips
+        lines.append(f"| {r['round']} | {train} | {loss} | {'-' if value is None else f'{value:.3f}'} "
                      f"| {r['bytes_up']} | {r['bytes_down']} |")
     groups = {k.split("/", 1)[1]: v for k, v in history[-1]["eval_metrics"].items() if "/" in k}
     if groups:
@@ -98,8 +99,12 @@ def _usage(run: FinishedRun, base: str, kind: str, location: str, pooling: str, 
                  f'tokenizer = AutoTokenizer.from_pretrained("{base}")']
     lines = ["```python", *code, "```", ""]
     if generation:
-        template = format_prompt("{prompt}").replace("\n", "\\n")
-        lines.append(f"Prompts use the run's template `{template}` (greedy decoding; the answer is the first line).")
+        if run.cfg.data.template == "chat":
+            lines.append("Prompts go through the tokenizer's chat template (`apply_chat_template`, greedy decoding).")
+        else:
+            template = format_prompt("{prompt}", run.cfg.data.template).replace("\n", "\\n")
+            lines.append(f"Prompts use the run's template `{template}` (greedy decoding; the answer is the first "
+                         "line).")
     else:
         lines.append(f"Class names in index order: {_labels_text(run)}.")
     lines += ["", "With Pollinate: `pollinate generate RUN_DIR --prompt ...`, `pollinate eval RUN_DIR --data FILE`."]

@@ -30,10 +30,10 @@ def file_examples(run: FinishedRun, tokenizer: Any, source: str, overrides: list
                               f"are {sorted(index)[:20]}")
         rows = [{**r, "label": index[task.labels[r["label"]]]} for r in rows]
     rows = rows[:max_examples] if max_examples else rows
-    encode = encoder_for(run.task_type)
+    encode = encoder_for(run.task_type, cfg.data.template)
     encoded = [encode(r, tokenizer, cfg.model.max_seq_len) for r in rows]
     group_key = task.partition_by if run.task_type == "generation" and rows and task.partition_by in rows[0] else ""
-    return EvalExamples(run.task_type, rows, encoded, group_key), cfg
+    return EvalExamples(run.task_type, rows, encoded, group_key, cfg.data.template), cfg
 
 
 def evaluate_file(run: FinishedRun, trained: TrainedModel, source: str, overrides: list[str] | None = None,

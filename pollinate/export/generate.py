@@ -53,13 +53,14 @@ def _batches(items: list[str], size: int) -> Iterator[list[str]]:
 
 
 @torch.no_grad()
-def complete(trained: TrainedModel, prompts: list[str], max_new_tokens: int, batch_size: int) -> list[str]:
-    """Greedy completions of ``prompts`` put in the run's template (left padding, so each continues its prompt);
-    a completion stops at the end-of-sequence token."""
+def complete(trained: TrainedModel, prompts: list[str], max_new_tokens: int, batch_size: int,
+             template: str = "plain") -> list[str]:
+    """Greedy completions of ``prompts`` put in the run's ``template`` (left padding, so each continues its
+    prompt); a completion stops at the end-of-sequence token."""
     tokenizer, model = trained.tokenizer, trained.model
     answers: list[str] = []
     for chunk in _batches(prompts, batch_size):
-        ids = [tokenizer(format_prompt(p), add_special_tokens=False)["input_ids"] for p in chunk]
+        ids = [tokenizer(format_prompt(p, template, tokenizer), add_special_tokens=False)["input_ids"] for p in chunk]
         batch = collate([{"input_ids": x, "labels": [-100] * len(x)} for x in ids], tokenizer.pad_token_id,
                         pad_left=True)
         device = model_device(model)
@@ -91,5 +92,5 @@ def respond(run: FinishedRun, trained: TrainedModel, prompts: list[str], max_new
     """What the run's model says to each prompt: its completion (generation) or its class (classification)."""
     batch_size = run.cfg.eval.batch_size
     if run.task_type == "generation":
-        return complete(trained, prompts, max_new_tokens, batch_size)
+        return complete(trained, prompts, max_new_tokens, batch_size, run.cfg.data.template)
     return classify(trained, prompts, run.labels(), batch_size, run.cfg.model.max_seq_len)

@@ -35,9 +35,10 @@ class ServerEvaluator:
         self.family = info.family
         self.tokenizer = load_tokenizer(info.path)
         self.task: TaskData = load_task(cfg.data, task, cfg.federation.seed)
-        encode = encoder_for(self.task.task_type)
+        encode = encoder_for(self.task.task_type, cfg.data.template)
         self.encoded = [encode(r, self.tokenizer, cfg.model.max_seq_len) for r in self.task.eval]
-        self.examples = EvalExamples(self.task.task_type, self.task.eval, self.encoded, self.task.partition_by)
+        self.examples = EvalExamples(self.task.task_type, self.task.eval, self.encoded, self.task.partition_by,
+                                     cfg.data.template)
 
     @property
     def num_labels(self) -> int:

@@ -9,8 +9,9 @@
   while checking one reply is that reply's rejection (metrics.jsonl + report) and the round goes on; a round
   with fewer accepted replies than ``min_clients`` keeps the previous global;
 - after each round's training the nodes that trained evaluate the new global on their held-out examples
-  (``evaluate_content``, ``server.client_eval``); then (Flower calls ``evaluate_fn``) the server evaluates it,
-  the round is recorded with both and checkpointed (with the report history and RNG states, so a run resumes);
+  (``evaluate_content``, ``server.client_eval``); then (Flower calls ``evaluate_fn``) the server evaluates it
+  (every ``eval.every`` rounds and the last; other rounds: ``eval_loss`` None), the round is checkpointed (report
+  history and RNG states: a run resumes) and recorded with both and its ``timing`` (``server.round_timing``);
 - a node that does not reply within the round timeout is dropped from that round and named in the report.
 A resumed run sets ``round_offset``: Flower counts its rounds from 1, and the Flower-facing hooks translate that
 once (``in_run_rounds``), so every method hook sees the run's true round number.
@@ -23,7 +24,6 @@ from __future__ import annotations
 import functools
 import json
 import random
-import time
 from abc import abstractmethod
 from collections.abc import Callable, Iterable
 from logging import INFO
@@ -63,6 +63,7 @@ from pollinate.server.replies import (
     reply_metrics,
     reported_numbers,
 )
+from pollinate.server.round_timing import RoundTiming
 from pollinate.server.server_optimizer import server_optimizer_for
 
 __all__ = ["PollinateStrategy", "Reply", "UpdateRejected", "check_arrays", "rejection_reason"]
@@ -114,7 +115,7 @@ class PollinateStrategy(Strategy):
         self.global_arrays = ArrayRecord()
         self.server_optimizer = server_optimizer_for(cfg.federation)  # None (fedavg): the aggregate is the global
         self.round_offset = 0  # rounds completed before this process started (resume)
-        self._round_start = time.perf_counter()
+        self.timing = RoundTiming()
         self._down: dict[int, int] = {}
         self._clients: list[dict[str, Any]] = []
         self._train_loss: float | None = None
@@ -211,9 +212,9 @@ class PollinateStrategy(Strategy):
     @in_run_rounds
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
+        self.timing.start()
         self.identity.connected(grid.get_node_ids())  # a client whose node left may come back on a new one
         self.begin_round(grid, server_round)
-        self._round_start = time.perf_counter()
         self._down, self._clients = {}, []
         self.global_arrays = arrays  # the global state this round starts from (aggregate may need it)
         config = ConfigRecord({**dict(config), "server-round": server_round, "run-config": self.client_config,
@@ -226,6 +227,7 @@ class PollinateStrategy(Strategy):
             self._down[node_id] = wire_bytes(content)
             messages.append(Message(content=content, dst_node_id=node_id, message_type=MessageType.TRAIN))
         self._sent = messages  # the grid gives each its message id when it pushes it
+        self.timing.open("train")  # Flower sends them now and waits for the replies
         return messages
 
     def sample(self, grid: Grid) -> list[int]:
@@ -247,6 +249,8 @@ class PollinateStrategy(Strategy):
     @in_run_rounds
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        self.timing.close("train")
+        self.timing.open("aggregate")
         replies = list(replies)
         self.replies_in(server_round)
         checked: list[Reply] = []
@@ -264,27 +268,30 @@ class PollinateStrategy(Strategy):
             self.recorder.reject(server_round, self._name(node_id),
                                  f"dropped: node {node_id} sent no reply within federation.round_timeout_s = "
                                  f"{self.cfg.federation.round_timeout_s:g} s")
-        return self._aggregate(server_round, accepted)
+        result = self._aggregate(server_round, accepted)
+        self.timing.close("aggregate")
+        return result
 
     @in_run_rounds
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
         """Client-side evaluation of the new global state (``eval.client_fraction`` > 0) by the nodes that
         answered this round's training; Flower calls it after ``aggregate_train`` and before ``end_round``."""
-        if not self.cfg.eval.client_fraction:
-            self.client_eval.reset()
-            return []
-        trained = {record["client_id"] for record in self._clients}
+        trained = {record["client_id"] for record in self._clients} if self.cfg.eval.client_fraction else set()
         nodes = [node_id for node_id in sorted(self._down) if self._name(node_id) in trained]
-        return self.client_eval.messages(nodes, lambda node_id: self.evaluate_content(node_id, server_round, arrays))
+        messages = self.client_eval.messages(nodes, lambda node: self.evaluate_content(node, server_round, arrays))
+        self.timing.open("client_eval")  # Flower sends them (if any) now and waits for the replies
+        return messages
 
     @in_run_rounds
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        self.timing.close("client_eval")
         return self.client_eval.collect(server_round, replies, self.identity)
 
     @in_run_rounds
     def end_round(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        """Flower's ``evaluate_fn``: evaluate, record and checkpoint the round. Flower's round 0 (before its
+        """Flower's ``evaluate_fn``: evaluate (every ``eval.every`` rounds and after the last), checkpoint (the
+        round as it stands before, checkpoint_seconds None) and record the round. Flower's round 0 (before its
         first round) is the run's initial evaluation, or nothing when resumed (it is in the restored history)."""
         if server_round == self.round_offset:
             if self.round_offset:
@@ -292,23 +299,28 @@ class PollinateStrategy(Strategy):
             evaluation = self.evaluate_global(arrays)
             self.recorder.initial(evaluation)
             return MetricRecord({"eval_loss": evaluation["eval_loss"]})
-        evaluation = self.evaluate_global(arrays)
+        evaluation: dict[str, Any] = {"eval_loss": None, "eval_metrics": {}}  # a round eval.every skips
+        if server_round % self.cfg.eval.every == 0 or server_round >= self.cfg.federation.rounds:
+            with self.timing.measure("eval"):
+                evaluation = self.evaluate_global(arrays)
         timed = [c for c in self._clients if "met_deadline" in c]
         record = {
             "round": server_round, "train_loss": self._train_loss, **evaluation,
             "under_training_rate": (sum(not c["met_deadline"] for c in timed) / len(timed)) if timed else None,
             "bytes_up": sum(c["bytes_up"] for c in self._clients),
             "bytes_down": sum(c["bytes_down"] for c in self._clients),
-            "seconds": round(time.perf_counter() - self._round_start, 3),
+            **self.timing.round_fields(checkpointed=False),  # completed once the checkpoint is written
             **self.round_fields(),
             **self.client_eval.round_fields(),
             "clients": sorted(self._clients, key=_client_order),
         }
+        with self.timing.measure("checkpoint"):
+            state = round_state(server_round, self.cfg, self.recorder.history(pending=record))
+            save_round(self.run_dir, server_round, record_to_arrays(arrays), state,
+                       None if self.server_optimizer is None else self.server_optimizer.state())
+        record.update(self.timing.round_fields())
         self.recorder.round_done(record)
-        state = round_state(server_round, self.cfg, self.recorder.history())
-        save_round(self.run_dir, server_round, record_to_arrays(arrays), state,
-                   None if self.server_optimizer is None else self.server_optimizer.state())
-        return MetricRecord({"eval_loss": evaluation["eval_loss"]})
+        return None if evaluation["eval_loss"] is None else MetricRecord({"eval_loss": evaluation["eval_loss"]})
 
     # --- one reply ------------------------------------------------------------------------------------
     def _check(self, server_round: int, node_id: int, msg: Message, first: bool) -> Reply | None:

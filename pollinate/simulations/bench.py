@@ -38,11 +38,12 @@ def run_method(method: str, run_args: list[str], out: Path, resume: bool = False
 
 
 def bytes_to_reach(report: dict[str, Any], target_loss: float) -> int | None:
-    """Cumulative bytes (both directions) until the eval loss first reaches ``target_loss``; None if never."""
+    """Cumulative bytes (both directions) until the eval loss first reaches ``target_loss``; None if never.
+    Rounds without a server evaluation (``eval.every``) are passed over."""
     total = 0
     for r in report["rounds"]:
         total += r["bytes_up"] + r["bytes_down"]
-        if r["eval_loss"] <= target_loss:
+        if r["eval_loss"] is not None and r["eval_loss"] <= target_loss:
             return total
     return None
 
@@ -245,8 +246,9 @@ def _plot(out: Path, reports: dict[str, dict]) -> None:
         total, xs, ys = 0, [0.0], [report["initial_eval"]["eval_loss"]]
         for r in report["rounds"]:
             total += r["bytes_up"] + r["bytes_down"]
-            xs.append(total / 1e6)
-            ys.append(r["eval_loss"])
+            if r["eval_loss"] is not None:  # a round eval.every skips: no point
+                xs.append(total / 1e6)
+                ys.append(r["eval_loss"])
         ax.plot(xs, ys, marker="o", label=method)
     ax.set_xscale("symlog", linthresh=0.1)
     ax.set_xlabel("cumulative MB on the wire (up + down)")

@@ -52,7 +52,7 @@ def main() -> None:
     start = time.perf_counter()
     qcfg = None
     if args.bits < 32:
-        from pollinate.methods.fedpipe.quantize import prepare_quantized_model, quantization_config
+        from pollinate.common.quantize import prepare_quantized_model, quantization_config
 
         qcfg = quantization_config(args.bits)
     model = load_model(info.path, "generation", quantization_config=qcfg)

@@ -16,7 +16,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from pollinate.common.config import RunConfig
+from pollinate.client.step import check_simulated_precision
+from pollinate.common.config import ConfigError, RunConfig
 from pollinate.common.data import load_task, partition_indices, resolve_task_type
 from pollinate.common.environment import SIMULATION_ENV, set_env_defaults
 from pollinate.common.models import resolve_model
@@ -38,10 +39,12 @@ def default_run_dir(cfg: RunConfig) -> Path:
 
 
 def preflight(cfg: RunConfig) -> dict[str, Any]:
-    """Fail before any process starts: the trackers are installed, the model resolves, the LoRA targets exist,
-    the data loads and partitions without empties. Returns what the run's header reports of the data: examples
-    in training and eval, and per client."""
+    """Fail before any process starts: the trackers are installed, a GPU is there for clients that reserve one,
+    the model resolves, the LoRA targets exist, the data loads and partitions without empties. Returns what the
+    run's header reports of the data: examples in training and eval, and per client."""
     check_trackers(cfg.output.loggers)
+    check_client_gpus(cfg, local_gpus())
+    check_simulated_precision(cfg.train.precision, cfg.federation.client_gpus, cfg.federation.ray_address)
     info = resolve_model(cfg.model.name)
     task = resolve_task_type(cfg.data, info.default_task)
     if cfg.lora.target_modules and "lora" in get_method(cfg.method).shared_sections:
@@ -51,6 +54,21 @@ def preflight(cfg: RunConfig) -> dict[str, Any]:
     parts = partition_indices(data.train, cfg.federation.clients, cfg.data, data.partition_by, cfg.federation.seed)
     return {"train_examples": len(data.train), "eval_examples": len(data.eval),
             "examples_per_client": [len(part) for part in parts]}
+
+
+def local_gpus() -> int:
+    """CUDA GPUs this host's Ray would find."""
+    import torch
+
+    return torch.cuda.device_count()
+
+
+def check_client_gpus(cfg: RunConfig, gpus: int) -> None:
+    """Clients that reserve a GPU need one: a local Ray without GPUs could place none of them."""
+    fed = cfg.federation
+    if fed.client_gpus > 0 and not fed.ray_address and gpus == 0:
+        raise ConfigError(f"federation.client_gpus = {fed.client_gpus:g} but this host has no CUDA GPU; set it to 0, "
+                          "or run on a Ray cluster with GPUs (federation.ray_address)")
 
 
 def describe_data(cfg: RunConfig, summary: dict[str, Any]) -> str:
@@ -90,6 +108,21 @@ def external_methods_for_workers() -> Iterator[None]:
                 os.environ[key] = value
 
 
+def backend_config(cfg: RunConfig, cpu_count: int | None = None) -> dict[str, Any]:
+    """Flower's Ray backend config: each client reserves ``federation.client_cpus`` and ``client_gpus``; Ray
+    starts locally with as many CPUs as whole clients fit in ``cpu_count`` (default: this host's), or, with
+    ``federation.ray_address``, connects to that cluster (which owns its resources: Ray refuses ``num_cpus``
+    there)."""
+    fed = cfg.federation
+    init_args: dict[str, Any] = {"include_dashboard": False, "logging_level": "error", "log_to_driver": False}
+    if fed.ray_address:
+        init_args["address"] = fed.ray_address
+    else:
+        workers = max(1, int((cpu_count or os.cpu_count() or 2) // fed.client_cpus))
+        init_args["num_cpus"] = workers * fed.client_cpus
+    return {"client_resources": {"num_cpus": fed.client_cpus, "num_gpus": fed.client_gpus}, "init_args": init_args}
+
+
 def simulate(cfg: RunConfig, run_dir: Path | None = None, quiet: bool = False,
              resume: bool = False) -> dict[str, Any]:
     set_env_defaults(SIMULATION_ENV)
@@ -115,16 +148,9 @@ def simulate(cfg: RunConfig, run_dir: Path | None = None, quiet: bool = False,
 
     logging.getLogger("flwr").setLevel(logging.ERROR)  # Pollinate prints its own per-round progress
     quiet_library_warnings()
-    workers = max(1, int((os.cpu_count() or 2) // cfg.federation.client_cpus))
     with external_methods_for_workers():
-        run_simulation(
-            server_app=server_app, client_app=client_app, num_supernodes=cfg.federation.clients,
-            backend_config={
-                "client_resources": {"num_cpus": cfg.federation.client_cpus, "num_gpus": 0.0},
-                "init_args": {"num_cpus": max(workers, 1) * cfg.federation.client_cpus, "include_dashboard": False,
-                              "logging_level": "error", "log_to_driver": False},
-            },
-        )
+        run_simulation(server_app=server_app, client_app=client_app, num_supernodes=cfg.federation.clients,
+                       backend_config=backend_config(cfg))
     if "report" not in outcome:
         raise RuntimeError(f"the simulation ended without a report; see the log above and {run_dir}/metrics.jsonl")
     return outcome["report"]

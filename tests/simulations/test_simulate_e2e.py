@@ -40,6 +40,9 @@ def test_report_has_the_documented_schema(tiny_run):
     for r in report["rounds"]:
         assert {"train_loss", "eval_loss", "eval_metrics", "bytes_up", "bytes_down", "seconds", "clients"} <= set(r)
         assert "exact_match" in r["eval_metrics"] and "exact_match/add" in r["eval_metrics"]
+        timing = r["timing"]  # where the round's wall time went: its parts add up to it
+        assert timing["train_seconds"] > 0 and timing["eval_seconds"] > 0 and timing["checkpoint_seconds"] > 0
+        assert sum(timing.values()) == pytest.approx(r["seconds"], abs=0.01)
         assert sorted(c["client_id"] for c in r["clients"]) == [0, 1]
         for c in r["clients"]:
             assert {"client_id", "bytes_up", "bytes_down", "train_seconds", "num_examples", "peak_rss_bytes"} <= set(c)

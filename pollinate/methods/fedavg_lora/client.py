@@ -22,14 +22,25 @@ from pollinate.common.pooling import resolve_pooling
 from pollinate.common.wire import arrays_to_record, record_to_arrays
 
 
+def quantized_base(cfg: RunConfig, num_labels: int, heads: list[str]):
+    """The frozen base at ``lora.base_bits`` (the head, trained in full, stays fp32); fp32 at 32."""
+    bits = cfg.lora.base_bits
+    if bits == 32:
+        return runtime.base_model(cfg, num_labels, tag="fedavg-lora")
+    from pollinate.common.quantize import prepare_quantized_model, quantization_config
+
+    return prepare_quantized_model(runtime.base_model(cfg, num_labels, quantization_config(bits, heads),
+                                                      tag=f"fedavg-lora-{bits}"))
+
+
 def lora_model(cfg: RunConfig, num_labels: int):
     """Base + LoRA, built once per process; each round only overwrites the adapter weights."""
     info = resolve_model(cfg.model.name)
     _, task = runtime.model_task(cfg)
 
     def build():
-        base = runtime.base_model(cfg, num_labels, tag="fedavg-lora")
         heads = head_module_names(task, resolve_pooling(cfg.model.pooling, info.path))
+        base = quantized_base(cfg, num_labels, heads)
         return wrap_with_lora(base, peft_lora_config(cfg.lora, info.family, task, head_modules=heads))
 
     return runtime.cached(("fedavg-lora", info.path, task, num_labels, repr(cfg.lora), cfg.model.pooling), build)

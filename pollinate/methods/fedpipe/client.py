@@ -109,7 +109,7 @@ def planned_model(cfg: RunConfig, plan: dict[str, Any], num_labels: int, client_
     def build_base():
         if bits >= 32:
             return runtime.base_model(cfg, num_labels, tag="fedpipe-32")
-        from pollinate.methods.fedpipe.quantize import prepare_quantized_model, quantization_config
+        from pollinate.common.quantize import prepare_quantized_model, quantization_config
 
         return prepare_quantized_model(runtime.base_model(cfg, num_labels, quantization_config(bits, heads),
                                                           tag=f"fedpipe-{bits}"))

@@ -7,7 +7,7 @@ from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dic
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from pollinate.common.models import load_model
-from pollinate.methods.fedpipe.quantize import is_quantized, prepare_quantized_model, quantization_config
+from pollinate.common.quantize import is_quantized, prepare_quantized_model, quantization_config
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 NUM_LINEARS = 2 * len(TARGETS)

@@ -12,21 +12,12 @@ import numpy as np
 
 from pollinate.common.checks import UpdateRejected
 from pollinate.methods.fedpipe.codec import base
+from pollinate.methods.fedpipe.codec.block_codes import NF4_CODEBOOK, block_absmax, int8_codes, nf4_codes, nf4_levels
 from pollinate.protos import update_pb2 as pb
 
-MAX_BLOCK_SIZE = 1 << 20
+__all__ = ["MAX_BLOCK_SIZE", "NF4_CODEBOOK", "Int8", "Nf4"]
 
-# QLoRA's NormalFloat4 levels (Dettmers et al. 2023), as bitsandbytes.functional.get_4bit_type("nf4").
-NF4_CODEBOOK = np.array(
-    [
-        -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
-        -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
-        0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
-        0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
-    ],
-    dtype=np.float32,
-)  # fmt: skip
-_NF4_MIDPOINTS = (NF4_CODEBOOK[1:] + NF4_CODEBOOK[:-1]) / 2
+MAX_BLOCK_SIZE = 1 << 20
 
 
 class _Blockwise(base.Encoding):
@@ -36,8 +27,8 @@ class _Blockwise(base.Encoding):
     kind: int
     scale_divisor: float  # scale = absmax / scale_divisor
 
-    def quantise(self, normed: np.ndarray, numel: int) -> bytes:
-        """Codes of the block-normalised values (in [-1, 1] x scale_divisor), flattened to ``numel``."""
+    def quantise(self, blocks: np.ndarray, wire_scales: np.ndarray, numel: int) -> bytes:
+        """Codes of the first ``numel`` elements of ``blocks`` (a block per row) divided by their block's scale."""
         raise NotImplementedError
 
     def dequantise(self, name: str, codes: bytes, numel: int) -> np.ndarray:
@@ -45,23 +36,21 @@ class _Blockwise(base.Encoding):
         raise NotImplementedError
 
     def encode(self, msg: pb.TensorUpdate, x: np.ndarray, params: base.EncodeParams) -> None:
-        flat = x.reshape(-1).astype(np.float64)
+        flat = x.reshape(-1)  # float32 (float64 only where the sender's tensor is)
         numel, block_size = flat.size, params.block_size
         n_blocks = -(-numel // block_size)
-        blocks = np.zeros(n_blocks * block_size)
-        blocks[:numel] = flat
-        blocks = blocks.reshape(n_blocks, block_size)
-        absmax = np.max(np.abs(blocks), axis=1) if n_blocks else np.zeros(0)
-        scales = absmax / self.scale_divisor
+        if numel % block_size:
+            flat = np.concatenate([flat, np.zeros(n_blocks * block_size - numel, dtype=flat.dtype)])
+        blocks = flat.reshape(n_blocks, block_size)
+        scales = block_absmax(blocks) / self.scale_divisor
         if params.value_dtype == pb.FLOAT_DTYPE_FP16:
             base.check_fp16_range(msg.name, scales, "block scales")
         # Quantise against the scales as they will arrive, so fp16 rounding of a scale costs no extra error.
         wire_scales = scales.astype(base.WIRE_DTYPE[params.value_dtype])
-        s = wire_scales.astype(np.float64)[:, None]
-        normed = np.divide(blocks, s, out=np.zeros_like(blocks), where=s > 0)
         msg.encoding = self.enum
-        msg.blockwise.CopyFrom(pb.Blockwise(kind=self.kind, block_size=block_size, scale_dtype=params.value_dtype,
-                                            scales=wire_scales.tobytes(), codes=self.quantise(normed, numel)))
+        wire = msg.blockwise  # filled in place: a Blockwise built apart would be copied in whole
+        wire.kind, wire.block_size, wire.scale_dtype = self.kind, block_size, params.value_dtype
+        wire.scales, wire.codes = wire_scales.tobytes(), self.quantise(blocks, wire_scales, numel)
 
     def decode(self, t: pb.TensorUpdate, shape: tuple[int, ...], numel: int) -> np.ndarray:
         name, bw = t.name, t.blockwise
@@ -86,6 +75,8 @@ class _Blockwise(base.Encoding):
                 f"tensor '{name}' has negative or non-finite block scales", reason="non-finite", tensor=name
             )
         values = self.dequantise(name, bw.codes, numel)
+        if numel % bw.block_size == 0:  # whole blocks: scale each row, without a per-element copy of the scales
+            return (values.reshape(n_blocks, bw.block_size) * scales[:, None]).reshape(shape)
         return (values * np.repeat(scales, bw.block_size)[:numel]).reshape(shape)
 
 
@@ -94,8 +85,8 @@ class Int8(_Blockwise):
 
     name, enum, kind, scale_divisor, wire_bytes_per_param = "int8", pb.ENCODING_INT8, pb.BLOCK_KIND_INT8, 127.0, 1.07
 
-    def quantise(self, normed: np.ndarray, numel: int) -> bytes:
-        return np.clip(np.rint(normed), -127, 127).astype(np.int8).reshape(-1)[:numel].tobytes()
+    def quantise(self, blocks: np.ndarray, wire_scales: np.ndarray, numel: int) -> bytes:
+        return int8_codes(blocks, wire_scales).reshape(-1)[:numel].tobytes()
 
     def dequantise(self, name: str, codes: bytes, numel: int) -> np.ndarray:
         base.check_length(name, "Blockwise.codes", codes, numel)
@@ -114,15 +105,12 @@ class Nf4(_Blockwise):
 
     name, enum, kind, scale_divisor, wire_bytes_per_param = "nf4", pb.ENCODING_NF4, pb.BLOCK_KIND_NF4, 1.0, 0.57
 
-    def quantise(self, normed: np.ndarray, numel: int) -> bytes:
-        idx = np.searchsorted(_NF4_MIDPOINTS, np.clip(normed, -1.0, 1.0)).astype(np.uint8).reshape(-1)[:numel]
+    def quantise(self, blocks: np.ndarray, wire_scales: np.ndarray, numel: int) -> bytes:
+        idx = nf4_codes(blocks, wire_scales)[:numel]
         if numel % 2:
             idx = np.append(idx, np.uint8(0))
-        return ((idx[0::2] << 4) | idx[1::2]).astype(np.uint8).tobytes()
+        return ((idx[0::2] << 4) | idx[1::2]).tobytes()
 
     def dequantise(self, name: str, codes: bytes, numel: int) -> np.ndarray:
         base.check_length(name, "Blockwise.codes", codes, -(-numel // 2))
-        packed = np.frombuffer(codes, dtype=np.uint8)
-        idx = np.empty(packed.size * 2, dtype=np.uint8)
-        idx[0::2], idx[1::2] = packed >> 4, packed & 0x0F
-        return NF4_CODEBOOK[idx[:numel]]
+        return nf4_levels(np.frombuffer(codes, dtype=np.uint8), numel)

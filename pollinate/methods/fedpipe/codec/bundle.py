@@ -45,7 +45,8 @@ class DecodedBundle:
 # ---------------------------------------------------------------------------------------------- encode
 
 
-def _encode_tensor(name: str, x: np.ndarray, encoding: str, params: EncodeParams) -> pb.TensorUpdate:
+def _encode_tensor(bundle: pb.UpdateBundle, name: str, x: np.ndarray, encoding: str, params: EncodeParams) -> None:
+    """Append ``x`` to ``bundle`` in ``encoding`` (built in place: an appended message would be copied)."""
     if encoding not in ENCODINGS:
         raise ValueError(f"unknown encoding '{encoding}' for tensor '{name}'; expected one of {tuple(ENCODINGS)}")
     if not np.issubdtype(x.dtype, np.floating) and str(x.dtype) != "bfloat16":
@@ -56,9 +57,8 @@ def _encode_tensor(name: str, x: np.ndarray, encoding: str, params: EncodeParams
     x = np.asarray(x, dtype=np.float32 if original_dtype != "float64" else np.float64)
     if not np.all(np.isfinite(x)):
         raise ValueError(f"tensor '{name}' contains NaN or Inf; refusing to send it")
-    msg = pb.TensorUpdate(name=name, shape=list(x.shape), original_dtype=original_dtype)
+    msg = bundle.tensors.add(name=name, shape=list(x.shape), original_dtype=original_dtype)
     ENCODINGS[encoding].encode(msg, x, params)
-    return msg
 
 
 def _encode_params(topk_fraction: float, block_size: int, lowrank_rank: int, value_dtype: str) -> EncodeParams:
@@ -131,7 +131,7 @@ def encode_bundle(
     for name, x in tensors.items():
         if not name:
             raise ValueError("tensor names must be non-empty")
-        bundle.tensors.append(_encode_tensor(name, np.asarray(x), per_tensor[name], params))
+        _encode_tensor(bundle, name, np.asarray(x), per_tensor[name], params)
     return bundle.SerializeToString()
 
 

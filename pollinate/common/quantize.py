@@ -1,4 +1,5 @@
-"""Frozen base weights in NF4 or int8, via bitsandbytes through ``transformers.BitsAndBytesConfig``.
+"""Frozen base weights in NF4 or int8, via bitsandbytes through ``transformers.BitsAndBytesConfig``: FedPipe's
+per-client bits and fedavg-lora's ``lora.base_bits``.
 
 One code path on CPU and CUDA; peft has dedicated LoRA layers for bitsandbytes modules, and the adapter's
 keys and shapes do not depend on the base's bits, so clients with different bits aggregate together.
