@@ -121,13 +121,16 @@ def accumulated_step(model: torch.nn.Module, batch: dict[str, torch.Tensor], opt
     return task_loss
 
 
+def checkpointing_on(model: Any) -> bool:
+    """Whether Hugging Face activation checkpointing is on (the attribute was renamed within transformers 5)."""
+    state = getattr(model, "is_activation_checkpointing", None)
+    return bool(getattr(model, "is_gradient_checkpointing", False) if state is None else state)
+
+
 def use_gradient_checkpointing(model: Any, enabled: bool) -> None:
     """Turn Hugging Face activation checkpointing on or off (non-reentrant; the input embeddings' output
     requires grad, so a peft model's recomputed segments still reach its adapters); a no-op when already so."""
-    state = getattr(model, "is_activation_checkpointing", None)  # transformers >= 5's name
-    if state is None:
-        state = getattr(model, "is_gradient_checkpointing", False)
-    if bool(state) == enabled:
+    if checkpointing_on(model) == enabled:
         return
     if not hasattr(model, "gradient_checkpointing_enable"):
         raise ValueError(f"train.gradient_checkpointing = true: {type(model).__name__} does not support it")

@@ -11,6 +11,7 @@ from pollinate.client.step import (
     StepOptions,
     accumulated_step,
     autocast_dtype,
+    checkpointing_on,
     micro_batches,
     use_gradient_checkpointing,
 )
@@ -118,12 +119,12 @@ def test_gradient_checkpointing_recomputes_the_same_gradients():
     plain = step_gradients(lora_decoder(), batch, StepOptions())
     model = lora_decoder()
     use_gradient_checkpointing(model, True)
-    assert model.is_activation_checkpointing
+    assert checkpointing_on(model)
     model.train()
     checkpointed = step_gradients(model, batch, StepOptions())
     assert all(torch.allclose(plain[n], checkpointed[n], atol=1e-6) for n in plain)
     use_gradient_checkpointing(model, False)
-    assert not model.is_activation_checkpointing
+    assert not checkpointing_on(model)
 
 
 def test_the_options_validate_with_one_line_errors():
