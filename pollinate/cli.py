@@ -19,6 +19,7 @@ from pollinate.common.config_io import build_config, describe_fields, to_toml
 from pollinate.common.data import DataError
 from pollinate.common.models import ModelError
 from pollinate.common.suggest import did_you_mean
+from pollinate.dashboard.cli import add_dashboard_option, add_dashboard_parser, cmd_dashboard, dashboard_options
 from pollinate.export.commands import HANDLERS as RUN_TOOL_HANDLERS
 from pollinate.export.commands import add_parsers as add_run_tool_parsers
 from pollinate.methods import METHODS
@@ -117,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--resume", metavar="RUN_DIR",
                           help="continue RUN_DIR after its last complete round (config: its config.toml unless "
                                "--config/flags are given, which must then match the checkpoint's)")
-    _add_dashboard_option(simulate, "server.crt/server.key for a dashboard off loopback (`pollinate keys init`)")
+    add_dashboard_option(simulate, "server.crt/server.key for a dashboard off loopback (`pollinate keys init`)")
 
     bench = sub.add_parser("bench", help="run several methods on the same setup, side by side (table + plots)",
                            epilog=_config_reference(), formatter_class=fmt)
@@ -146,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     show = config_sub.add_parser("show", help="print the effective config as TOML", epilog=_config_reference(),
                                  formatter_class=fmt)
     _add_run_options(show)
-    _add_dashboard_parser(sub)
+    add_dashboard_parser(sub)
     _add_deploy_parsers(sub, fmt)
     add_run_tool_parsers(sub)
     return parser
@@ -299,7 +300,7 @@ def _add_deploy_parsers(sub: argparse._SubParsersAction, fmt: type[argparse.Help
                              help="address clients dial, shown in the join command (default: this host)")
     coordinator.add_argument("--resume", metavar="RUN_DIR",
                              help="continue RUN_DIR after its last complete round (see `simulate --resume`)")
-    _add_dashboard_option(coordinator, "server.crt/server.key for a dashboard off loopback (default: --certs)")
+    add_dashboard_option(coordinator, "server.crt/server.key for a dashboard off loopback (default: --certs)")
 
     join = sub.add_parser("join", help="join a coordinator as a client, training on local data (Flower SuperNode)")
     join.add_argument("--coordinator", required=True, metavar="HOST:PORT", help="address the coordinator printed")
@@ -394,50 +395,6 @@ def cmd_keys(args: argparse.Namespace) -> int:
         make_certs(Path(args.dir), args.host, days=args.days, overwrite=args.overwrite)
     else:
         make_node_key(Path(args.dir), args.name, overwrite=args.overwrite)
-    return 0
-
-
-# --- dashboard ------------------------------------------------------------------------------------------------
-def _add_dashboard_option(parser: argparse.ArgumentParser, certs_help: str) -> None:
-    parser.add_argument("--dashboard", metavar="[HOST:]PORT",
-                        help="serve a live dashboard of this run while it runs (a bare port: 127.0.0.1; another "
-                             "address needs TLS and prints a token URL)")
-    parser.add_argument("--dashboard-certs", metavar="DIR", help=certs_help)
-
-
-def _add_dashboard_parser(sub: argparse._SubParsersAction) -> None:
-    from pollinate.dashboard.access import DEFAULT_HOST
-
-    dashboard = sub.add_parser(
-        "dashboard", help="watch a run in a browser: rounds, clients, plans, traffic, rejections (read-only)",
-        description="Serve a live, read-only web page of a finished or running run (or of a bench directory, "
-                    "its methods side by side). Loopback by default; any other address needs --certs (TLS) and "
-                    "prints a URL with a token.")
-    dashboard.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (output.dir) or a bench --out directory")
-    dashboard.add_argument("--host", default=DEFAULT_HOST, help=f"interface to listen on (default {DEFAULT_HOST})")
-    dashboard.add_argument("--port", type=int, default=8765, help="port (default 8765; 0: any free port)")
-    dashboard.add_argument("--certs", metavar="DIR",
-                           help="directory with server.crt and server.key (`pollinate keys init`): TLS")
-
-
-def dashboard_options(args: argparse.Namespace, default_certs: Path | None) -> Any:
-    """``--dashboard`` as checked ``DashboardOptions`` (None without the flag); bad input raises ConfigError."""
-    if not getattr(args, "dashboard", None):
-        return None
-    from pollinate.dashboard.launch import DashboardOptions
-
-    return DashboardOptions.parse(args.dashboard, _path(args.dashboard_certs), default_certs)
-
-
-def cmd_dashboard(args: argparse.Namespace) -> int:
-    from pollinate.dashboard.access import plan_access
-    from pollinate.dashboard.launch import serve
-
-    access = plan_access(args.host, args.port, _path(args.certs), flag="--certs")
-    try:
-        serve(Path(args.run_dir), access)
-    except KeyboardInterrupt:
-        print("pollinate dashboard: stopped", file=sys.stderr)
     return 0
 
 

@@ -87,7 +87,7 @@ class RunRecorder:
         reason = peer_text(reason)
         self.rejected.append({"round": server_round, "client_id": client_id, "reason": reason})
         self.event("rejected", round=server_round, client_id=client_id, reason=reason)
-        self.console.print(Text(f"round {server_round}: rejected update from client {client_id}: {reason}",
+        self.console.print(Text(f"round {server_round}: rejected reply from client {client_id}: {reason}",
                                 style="yellow"))
 
     def initial(self, evaluation: dict[str, Any]) -> None:
