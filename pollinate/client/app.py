@@ -16,6 +16,7 @@ from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from pollinate.client.half import ClientHalf, EvaluatingClientHalf, PreparingClientHalf, checked_half
+from pollinate.client.privacy import privatize_reply
 from pollinate.common.config import RunConfig
 from pollinate.common.lr_schedule import read_lr_scale, scaled_learning_rates
 from pollinate.methods import get_method
@@ -46,7 +47,8 @@ def _quiet_libraries() -> None:
 def train(msg: Message, context: Context) -> Message:
     cfg = scaled_learning_rates(_run_config(msg), read_lr_scale(msg.content["config"]))  # the server's schedule
     _quiet_libraries()
-    return Message(content=client_half(cfg.method).train(msg, cfg, context), reply_to=msg)
+    content = client_half(cfg.method).train(msg, cfg, context)
+    return Message(content=privatize_reply(msg, content, cfg.federation.seed), reply_to=msg)  # local DP, if asked
 
 
 @app.train("prepare")

@@ -199,7 +199,7 @@ class TrainConfig:
     max_grad_norm: float = config_field("Clip gradients to this norm (0 = no clipping)", default=1.0)
     head_lr: float = config_field(
         "Classification: learning rate of the trained head (classifier, and the pooler with CLS pooling); "
-        "0 = train.lr", default=0.0)
+        "0 = train.lr", default=1e-2)
     prox_mu: float = config_field("FedProx: weight of the proximal term mu/2 * ||w - w_global||^2 (0 = off)",
                                   default=0.0)
     lr_schedule: str = config_field(
@@ -305,6 +305,44 @@ class OutputConfig:
 LOGGERS = ("tensorboard", "mlflow", "trackio", "wandb")
 
 
+DP_MODES = ("none", "central", "local")
+
+
+@dataclass
+class PrivacyConfig:
+    """Differential privacy of the clients' updates (docs/privacy.md): the dense methods (fedavg-lora, fedavg-full,
+    SFPrompt's prompts and tail); FedPipe refuses it."""
+
+    dp: str = config_field(
+        "none | central (the server clips each client's update and adds Gaussian noise to their mean; trusts the "
+        "server) | local (each client clips and noises its own update before sending it)", server_only=True,
+        default="none")
+    clip_norm: float = config_field("L2 bound of one client's update (the initial bound with adaptive clipping)",
+                                    server_only=True, default=1.0)
+    adaptive_clipping: bool = config_field(
+        "central: adapt the clip norm each round towards the median update norm from a noisy count of clipped "
+        "updates (Andrew et al. 2021, as Flower's DifferentialPrivacyServerSideAdaptiveClipping)",
+        server_only=True, default=False)
+    noise_multiplier: float = config_field(
+        "Noise standard deviation in units of the clip norm (ignored when target_epsilon is set)", server_only=True,
+        default=1.0)
+    target_epsilon: float = config_field(
+        "When > 0: derive the noise multiplier so that the whole run spends at most this epsilon (RDP accountant, "
+        "this run's client sampling rate and rounds); 0 = use noise_multiplier", server_only=True, default=0.0)
+    delta: float = config_field("The delta of the reported (epsilon, delta)", server_only=True, default=1e-5)
+
+    def __post_init__(self) -> None:
+        one_of("privacy.dp", self.dp, DP_MODES)
+        require(self.clip_norm > 0, "privacy.clip_norm", self.clip_norm, "a float > 0")
+        require(isinstance(self.adaptive_clipping, bool), "privacy.adaptive_clipping", self.adaptive_clipping,
+                "true or false")
+        require(not (self.adaptive_clipping and self.dp == "local"), "privacy.adaptive_clipping",
+                self.adaptive_clipping, "false with privacy.dp = 'local' (adaptive clipping is server-side)")
+        require(self.noise_multiplier >= 0, "privacy.noise_multiplier", self.noise_multiplier, "a float >= 0")
+        require(self.target_epsilon >= 0, "privacy.target_epsilon", self.target_epsilon, "a float >= 0 (0 = off)")
+        require(0 < self.delta < 1, "privacy.delta", self.delta, "a float in (0, 1)")
+
+
 # Method sections and method names, filled by ``pollinate.methods.register_method`` (this module knows no method).
 METHOD_SECTIONS: dict[str, type] = {}
 METHOD_NAMES: list[str] = []
@@ -351,6 +389,7 @@ class RunConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     methods: dict[str, Any] = field(default_factory=_default_method_sections, repr=False)
 
     def __post_init__(self) -> None:

@@ -41,6 +41,9 @@ SEED_STREAMS: dict[str, SeedStream] = {
     "server-round": SeedStream(1_000_003, (1,)),
     # which of a client's rows it holds out for client-side evaluation, per client
     "client-eval-rows": SeedStream(104_729, (7_927,), offset=3),
+    # differential privacy: the server's noise per round, a client's (local DP) per (round, client)
+    "server-dp-noise": SeedStream(1_000_003, (1,), offset=17),
+    "client-dp-noise": SeedStream(1_000_003, (1_009, 1), offset=19),
     # the built-in task's held-out examples (the training examples use the run seed itself)
     "eval-examples": SeedStream(1, (), offset=1_000_003),
 }

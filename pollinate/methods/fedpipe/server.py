@@ -70,6 +70,10 @@ class FedPipe(PollinateStrategy):
         if cfg.federation.server_optimizer != "fedavg":  # ΔW is kept factored; no optimizer steps it yet
             raise ConfigError(f"federation.server_optimizer = {cfg.federation.server_optimizer!r}: method "
                               "'fedpipe' supports only 'fedavg' (the aggregate is the new global ΔW)")
+        if cfg.privacy.dp != "none":  # noise belongs in ΔW space before compression (docs/privacy.md)
+            raise ConfigError(f"privacy.dp = {cfg.privacy.dp!r}: method 'fedpipe' does not support differential "
+                              "privacy yet (its updates are compressed factor deltas with error feedback; the "
+                              "noise must be added in ΔW space before compression); use fedavg-lora")
         self.evaluator = ServerEvaluator(cfg)
         self.task, path = self.evaluator.task.task_type, self.evaluator.model_path
         self.head_modules = head_module_names(self.task, resolve_pooling(cfg.model.pooling, path))

@@ -192,7 +192,7 @@ class SFPrompt(StateFedAvg):
                                   for key in ("split_bytes_up", "split_bytes_down", "kept_examples")}
         shares = [c["client_time_share"] for c in accepted if "client_time_share" in c]
         totals["client_time_share"] = float(np.mean(shares)) if shares else None
-        return totals
+        return {**super().round_fields(), **totals}  # StateFedAvg's (privacy)
 
     def save_final(self, arrays: ArrayRecord) -> dict[str, Any]:
         self._load(arrays)
