@@ -30,13 +30,17 @@ CLIENT_FIELDS = ("bytes_up", "bytes_down", "compute_seconds", "comm_seconds", "r
 PLAN_FIELDS = ("modules", "bits", "batch_size", "local_steps", "est_memory_mib", "est_compute_s", "est_comm_s")
 SPLIT_FIELDS = ("split_bytes_up", "split_bytes_down", "kept_examples")
 HEADLINE_METRICS = ("exact_match", "accuracy")
+PRIVACY_RANGES = {"delta": 1.0, "noise_multiplier": math.inf, "clip_norm": math.inf, "clipped_fraction": 1.0}
 
 
 def number(value: Any) -> float | int | None:
     """``value`` if it is a finite int or float (not a bool), else None."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
-    return value if math.isfinite(value) else None
+    try:
+        return value if math.isfinite(value) else None
+    except OverflowError:  # an int beyond float range (JSON allows any number of digits)
+        return None
 
 
 def label(value: Any, limit: int = NAME_LIMIT) -> str:
@@ -56,6 +60,22 @@ def headline(metrics: Any) -> tuple[str, float | int | None]:
 
 def pick(source: dict[str, Any], fields: tuple[str, ...]) -> dict[str, Any]:
     return {key: value for key in fields if (value := number(source.get(key))) is not None}
+
+
+def privacy_record(record: Any) -> dict[str, Any] | None:
+    """A round's ``privacy`` field: δ, σ, clip norm and clipped fraction when finite and in range; ε a finite
+    non-negative number, or None when the run recorded no guarantee (null or infinity). Malformed values are left
+    out."""
+    if not isinstance(record, dict):
+        return None
+    picked = {key: value for key, top in PRIVACY_RANGES.items()
+              if (value := number(record.get(key))) is not None and 0 <= value <= top}
+    epsilon = record.get("epsilon")
+    if epsilon is None or epsilon == math.inf:
+        picked["epsilon"] = None
+    elif (value := number(epsilon)) is not None and value >= 0:
+        picked["epsilon"] = value
+    return picked
 
 
 def round_number(value: Any) -> int | None:
@@ -104,6 +124,8 @@ class RunView:
             row = self._eval_row(rnd, event)
             row.update(pick(event, ROUND_FIELDS))
             row["done"] = True
+            if (privacy := privacy_record(event.get("privacy"))) is not None:
+                row["privacy"] = privacy
             self._client_eval(row, event.get("client_eval"))
             self.waiting = None
 
@@ -229,7 +251,8 @@ class RunView:
 
     # --- output ------------------------------------------------------------------------------------------
     def snapshot(self) -> dict[str, Any]:
-        """A JSON-ready picture: rounds with cumulative bytes, clients, rejections, the rank heat map."""
+        """A JSON-ready picture: rounds with cumulative bytes, clients, rejections, the rank heat map, and the
+        latest round's privacy record (None without DP)."""
         rounds, cumulative = [], 0
         for rnd in sorted(self.rounds):
             row = dict(self.rounds[rnd])
@@ -238,6 +261,8 @@ class RunView:
             rounds.append(row)
         return {"metric_name": self.metric_name, "rounds": rounds, "clients": list(self.clients.values()),
                 "rejections": list(self.rejections), "heatmap": self._heatmap(), "waiting": self.waiting,
+                "privacy": next(({"round": row["round"], **row["privacy"]} for row in reversed(rounds)
+                                 if "privacy" in row), None),
                 "events": self.events, "last_event_time": self.last_event_time}
 
     def _heatmap(self) -> dict[str, Any] | None:

@@ -153,3 +153,26 @@ def test_hostile_client_names_and_reasons_show_as_text(page, tmp_path):
         page.select_option("#run-select", "1")
         assert page.locator("#title").text_content() == "fedpipe"
     assert page.errors == []
+
+
+def test_epsilon_shows_in_a_header_card_and_per_round_only_with_dp(page, tmp_path):
+    privacy = {"epsilon": 1.23456, "delta": 1e-5, "noise_multiplier": 1.1, "clip_norm": 0.5, "clipped_fraction": 0.5}
+    rounds = [{"type": "initial_eval", "eval_loss": 3.0, "eval_metrics": {"accuracy": 0.1}},
+              {"type": "round", "round": 1, "eval_loss": 2.0, "privacy": {**privacy, "epsilon": None}},
+              {"type": "round", "round": 2, "eval_loss": 1.5, "privacy": privacy}]
+    write_run(tmp_path / "private", "fedavg-lora", rounds)
+    write_run(tmp_path / "plain", "fedavg-lora", [{k: v for k, v in e.items() if k != "privacy"} for e in rounds])
+    for name, shown in (("private", True), ("plain", False)):
+        with DashboardServer(tmp_path / name, Access("127.0.0.1", 0)) as server:
+            page.goto(server.url)
+            page.wait_for_function("() => document.body.dataset.roundsDone === '2'")
+            headers = page.locator("#rounds-table thead th").all_text_contents()
+            assert page.locator("#privacy-card").is_visible() == shown and ("ε" in headers) == shown
+            if shown:
+                screenshot(page, "privacy.png")
+                assert page.locator("#stat-epsilon").text_content() == "1.23"
+                assert page.locator("#stat-epsilon-note").text_content() == "δ 0.00001 · after round 2 · 50% clipped"
+                column = headers.index("ε") + 1
+                cells = page.locator(f"#rounds-table tbody td:nth-child({column})").all_text_contents()
+                assert cells == ["1.23", "∞", ""]
+    assert page.errors == []

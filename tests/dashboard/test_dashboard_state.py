@@ -71,6 +71,47 @@ def test_rounds_clients_plans_and_rejections_are_folded_from_events():
                                "ranks": [[4, 16], [2, 0]]}
 
 
+def test_a_run_without_dp_has_no_privacy():
+    snap = fold(EVENTS)
+    assert snap["privacy"] is None and not any("privacy" in row for row in snap["rounds"])
+
+
+def private_round(rnd, epsilon, **extra):
+    privacy = {"epsilon": epsilon, "delta": 1e-5, "noise_multiplier": 1.0, "clip_norm": 0.5,
+               "clipped_fraction": 0.25, **extra}
+    return {**round_event(rnd, 2.0), "privacy": privacy}
+
+
+def test_epsilon_per_round_and_the_latest_with_its_delta_are_folded():
+    snap = fold([{"type": "initial_eval", "eval_loss": 3.0}, private_round(1, 1.5), private_round(2, 2.25)])
+    zero, one, two = snap["rounds"]
+    assert "privacy" not in zero
+    assert one["privacy"] == {"epsilon": 1.5, "delta": 1e-5, "noise_multiplier": 1.0, "clip_norm": 0.5,
+                              "clipped_fraction": 0.25}
+    assert two["privacy"]["epsilon"] == 2.25
+    assert snap["privacy"] == {"round": 2, **two["privacy"]}
+
+
+def test_a_null_epsilon_means_no_guarantee_and_is_kept_as_none():
+    snap = fold([private_round(1, None, noise_multiplier=0.0)])
+    assert snap["privacy"]["epsilon"] is None and snap["privacy"]["noise_multiplier"] == 0.0
+
+
+def test_hostile_privacy_values_are_dropped_and_the_state_stays_strict_json():
+    line = ('{"type": "round", "round": 1, "eval_loss": 1.0, "bytes_up": ' + "9" * 400 + ', "privacy": '
+            '{"epsilon": NaN, "delta": "1e-5", "noise_multiplier": ' + "9" * 400 + ', "clip_norm": -Infinity, '
+            '"clipped_fraction": 7}}')
+    snap = fold([json.loads(line)])
+    (row,) = snap["rounds"]
+    assert row["privacy"] == {} and "bytes_up" not in row and row["cum_bytes"] == 0
+    for epsilon, shown in (("3", "missing"), ([1], "missing"), (-1.0, "missing"), (float("inf"), None),
+                           (1e308, 1e308), (10**400, "missing")):
+        privacy = fold([private_round(1, epsilon, delta=float("nan"))])["privacy"]
+        assert privacy.get("epsilon", "missing") == shown and "delta" not in privacy
+    assert "privacy" not in fold([{**round_event(1, 2.0), "privacy": [1, 2]}])["rounds"][0]
+    json.dumps(snap, allow_nan=False)
+
+
 def test_a_deadline_miss_shows_as_missed():
     snap = fold([client(1, 5, met_deadline=False)])
     assert snap["clients"][0]["status"] == "missed" and snap["rounds"][0]["missed"] == 1

@@ -20,6 +20,13 @@
     while (Math.abs(n) >= 1000 && i < units.length - 1) { n /= 1000; i += 1; }
     return i === 0 ? n.toFixed(0) + " B" : n.toFixed(2) + " " + units[i];
   }
+  function short(value) {  // two significant digits, exponent form only when tiny or huge (δ = 1e-5)
+    return value === null || value === undefined ? "–" : String(Number(Number(value).toPrecision(2)));
+  }
+  function epsilon(privacy) {  // null ε: no noise, so no guarantee
+    if (!privacy) return "–";
+    return privacy.epsilon === null ? "∞" : num(privacy.epsilon, 2);
+  }
   function el(tag, text, cls) {
     const node = document.createElement(tag);
     if (text !== undefined && text !== null) node.textContent = String(text);
@@ -139,6 +146,9 @@
           num(r.client_worst_metric, 3) + " (" + r.client_worst_id + ")") },
       );
     }
+    if (run.rounds.some((r) => r.privacy)) {
+      cols.push({ title: "ε", value: (r) => (r.round === 0 ? "" : epsilon(r.privacy)) });
+    }
     cols.push(
       { title: "replied", value: (r) => (r.round === 0 ? "" : r.replied || 0) },
       { title: "missed", value: (r) => (r.round === 0 ? "" : r.missed || 0) },
@@ -193,8 +203,20 @@
     $("stat-clients").textContent = run.clients.length + (h.clients ? " / " + h.clients : "");
     $("stat-clients-note").textContent = count("ok") + " met · " + count("missed") + " missed · " +
       count("rejected") + " rejected";
+    renderPrivacy(run.privacy);
     $("skipped").textContent = s.skipped_lines ? s.skipped_lines + (s.skipped_lines === 1 ? " unreadable line" :
       " unreadable lines") + " of metrics.jsonl skipped." : "";
+  }
+
+  function renderPrivacy(p) {
+    $("privacy-card").hidden = !p;
+    if (!p) return;
+    $("stat-epsilon").textContent = epsilon(p);
+    const parts = ["δ " + short(p.delta), "after round " + p.round];
+    if (p.epsilon === null) parts.push("no noise: no guarantee");
+    if (p.clipped_fraction !== undefined) parts.push(num(100 * p.clipped_fraction, 0) + "% clipped");
+    $("stat-epsilon-note").textContent = parts.join(" · ");
+    $("privacy-card").title = "noise multiplier " + short(p.noise_multiplier) + ", clip norm " + short(p.clip_norm);
   }
 
   // --- charts ----------------------------------------------------------------------------------------

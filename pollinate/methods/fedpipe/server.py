@@ -47,6 +47,7 @@ from pollinate.methods.fedpipe.codec import WIRE_BYTES_PER_PARAM, decode_bundle,
 from pollinate.methods.fedpipe.factors import LORA_ALPHA_PER_RANK, factors_for_client, lora_keys
 from pollinate.methods.fedpipe.lowrank import LoraFactors, apply_weighted_updates
 from pollinate.methods.fedpipe.peft_adapter import global_to_peft
+from pollinate.methods.fedpipe.plan_table import print_plan_table
 from pollinate.methods.fedpipe.planner import (
     ClientPlan,
     PlanInfeasible,
@@ -156,6 +157,8 @@ class FedPipe(PollinateStrategy):
                             # module_ranks: each module's rank, for the dashboard's heat map
                             plans={str(c): {**_plan_summary(p), "module_ranks": dict(p.ranks)}
                                    for c, p in new_plans.items()}, **head_params)
+        print_plan_table(self.recorder, {str(c): _plan_summary(p) for c, p in new_plans.items()},
+                         {str(c): profile.name for c, profile in zip(clients, profiles, strict=True)}, server_round)
 
     def _read_prepare_reply(self, node_id: int,
                             content: RecordDict) -> tuple[int, dict[str, float], int, ResourceProfile]:
