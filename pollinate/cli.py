@@ -158,6 +158,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
     from pollinate.dashboard.launch import dashboard_running
     from pollinate.simulations.run import default_run_dir, simulate
+    from pollinate.simulations.stopping import SimulationInterrupted
 
     cfg, resume_dir = config_and_resume(args)
     run_dir = resume_dir or default_run_dir(cfg)
@@ -165,8 +166,12 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     console = Console(stderr=True, soft_wrap=True)
     console.print(f"pollinate simulate: {cfg.method} on {cfg.model.name}, task {cfg.data.source}, "
                   f"{cfg.federation.clients} clients x {cfg.federation.rounds} rounds -> {run_dir}")
-    with dashboard_running(run_dir, dashboard):
-        report = simulate(cfg, run_dir, quiet=args.quiet, resume=resume_dir is not None)
+    try:
+        with dashboard_running(run_dir, dashboard):
+            report = simulate(cfg, run_dir, quiet=args.quiet, resume=resume_dir is not None)
+    except SimulationInterrupted as stopped:  # Ctrl-C / SIGTERM: 130 / 143, and how to resume
+        print(f"pollinate simulate: {stopped}", file=sys.stderr)
+        return stopped.exit_code
     _print_summary(report, run_dir, "report.md, metrics.jsonl, adapter/")
     return 0
 

@@ -17,8 +17,10 @@ from flwr.clientapp import ClientApp
 
 from pollinate.client.half import ClientHalf, EvaluatingClientHalf, PreparingClientHalf, checked_half
 from pollinate.client.privacy import privatize_reply
+from pollinate.client.run_end import note_run_end
 from pollinate.common.config import RunConfig
 from pollinate.common.lr_schedule import read_lr_scale, scaled_learning_rates
+from pollinate.common.run_end import RUN_END_ACTION
 from pollinate.methods import get_method
 
 METHOD_MODULES_ENV = "POLLINATE_METHOD_MODULES"
@@ -69,3 +71,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     if isinstance(half, EvaluatingClientHalf):
         return Message(content=half.evaluate(msg, cfg, context), reply_to=msg)
     return Message(content=RecordDict({"metrics": MetricRecord({"num-examples": 0})}), reply_to=msg)
+
+
+# The coordinator's last message of a deployed run: tells `pollinate join` to exit (common/run_end.py).
+app.query(RUN_END_ACTION)(note_run_end)

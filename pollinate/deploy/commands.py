@@ -71,7 +71,8 @@ def join_coordinator(
     coordinator: str, data: Path, *, certs: Path | None, key: Path | None, insecure: bool, partition_id: int | None,
     profile: Path | None, work_dir: Path | None, retry_budget_s: float, echo: TextIO | None = None,
 ) -> None:
-    """Join ``coordinator`` as a client training on ``data`` and stay joined until SIGINT/SIGTERM.
+    """Join ``coordinator`` as a client training on ``data`` until the coordinator ends the run (says so and
+    returns) or SIGINT/SIGTERM.
 
     ``certs`` is the coordinator's ``ca.crt`` or a directory holding it (required unless ``insecure``).
     """
@@ -91,7 +92,8 @@ def join_coordinator(
         profile_path=profile, partition_id=partition_id,
         work_dir=work_dir or Path(f"pollinate-node-{partition_id or 0}"), retry_budget_s=retry_budget_s,
     )
-    join(spec, echo or sys.stdout)
+    if (end := join(spec, echo or sys.stdout)) is not None:
+        print(f"pollinate join: the run on {coordinator} has finished ({end.rounds} rounds); exiting", file=sys.stderr)
 
 
 def _encryption_note() -> str:

@@ -5,6 +5,10 @@ Reconnection: `flower-supernode` itself retries transport errors with exponentia
 coordinator *restart*: the new SuperLink does not know its node id, the SuperNode gets 401 and exits. So
 `join` supervises it and starts a fresh SuperNode (new node id, same key) with backoff, until the coordinator
 has been unreachable for the whole retry budget.
+
+End of the run: the coordinator's ServerApp tells every connected client once all rounds are done, and the
+ClientApp writes a marker in the work dir (`pollinate.common.run_end`); `join` sees it and returns. Only that
+explicit notice ends `join`: a coordinator that crashes or restarts sends none, so its clients rejoin.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
+from pollinate.common.run_end import RUN_END_FILE_KEY, RunEnd, read_run_end
 from pollinate.deploy.app_trust import (
     APP_SIGNING_PUB_FILE,
     TRUSTED_ENTITIES_FILE,
@@ -60,6 +65,10 @@ def flower_error(output: str) -> str:
             reason += [text for text in lines[i + 1 : i + 6] if text and not text.startswith("For more")]
             return " ".join(reason[:4])
     return ""
+
+
+# A node that was in, then lost the coordinator for the whole budget, may have missed the run-end notice.
+_MISSED_END = "If its run has finished, this node was not connected when the coordinator said so. "
 
 
 class JoinError(RuntimeError):
@@ -105,6 +114,9 @@ class JoinSpec:
         The coordinator's `app-signing.pub`; default: the one beside `ca_cert`. With TLS the SuperNode runs
         only apps signed by it (Flower's `--trusted-entities`, checked before any code of a run starts; see
         app_trust.py); required unless insecure.
+    finish_grace_s : float, default 5
+        Once the coordinator has said the run ended, how long the SuperNode may run on to deliver the
+        acknowledgement before it is stopped.
     """
 
     coordinator: str
@@ -120,6 +132,7 @@ class JoinSpec:
     max_backoff_s: float = 30.0
     env: Mapping[str, str] | None = None
     app_signing_key: Path | None = None
+    finish_grace_s: float = 5.0
 
     def __post_init__(self) -> None:
         match = _ADDRESS.match(self.coordinator)
@@ -139,10 +152,17 @@ class JoinSpec:
             self.app_signing_key = Path(self.ca_cert).expanduser().parent / APP_SIGNING_PUB_FILE
         if self.retry_budget_s <= 0:
             raise ValueError(f"retry_budget_s={self.retry_budget_s} must be > 0")
+        if self.finish_grace_s < 0:
+            raise ValueError(f"finish_grace_s={self.finish_grace_s} must be >= 0")
         self.work_dir = Path(self.work_dir).expanduser().resolve()
         for name in ("ca_cert", "private_key", "data_path", "profile_path", "app_signing_key"):
             if (value := getattr(self, name)) is not None:
                 setattr(self, name, Path(value).expanduser().resolve())
+
+    @property
+    def run_end_path(self) -> Path:
+        """Where the ClientApp notes that the coordinator ended the run (node config `run-end-file`)."""
+        return self.work_dir / "run-finished.json"
 
     @property
     def trusted_entities_path(self) -> Path:
@@ -150,8 +170,8 @@ class JoinSpec:
         return self.work_dir / TRUSTED_ENTITIES_FILE
 
     def full_node_config(self) -> dict[str, NodeConfigValue]:
-        """Node config handed to the ClientApp: data/profile paths and partition id, then extras."""
-        config: dict[str, NodeConfigValue] = {}
+        """Node config handed to the ClientApp: data/profile paths, partition id, run-end marker, then extras."""
+        config: dict[str, NodeConfigValue] = {RUN_END_FILE_KEY: str(self.run_end_path)}
         if self.data_path is not None:
             config["data-path"] = str(self.data_path)
         if self.profile_path is not None:
@@ -231,6 +251,7 @@ class Node:
         self._stop = threading.Event()
         self._connected = threading.Event()
         self._key_copy: Path | None = None  # decrypted key of the running SuperNode, removed once it is in
+        self.run_end: RunEnd | None = None  # set once the coordinator has said the run is complete
 
     def check(self) -> None:
         """Fail early on unreadable/invalid CA certificate, node key or data/profile paths."""
@@ -286,8 +307,9 @@ class Node:
         else:
             log.warning(warning)
 
-    def run(self) -> None:
-        """Join and keep the node joined until stopped; raise if the coordinator stays unreachable."""
+    def run(self) -> RunEnd | None:
+        """Join and keep the node joined until the coordinator ends the run (returns how it ended) or until
+        stopped (returns None); raise if the coordinator stays unreachable."""
         self.check()
         if self.spec.insecure:
             self._warn_insecure()
@@ -298,6 +320,7 @@ class Node:
         env = child_env({**(self.spec.env or {}), "FLWR_HOME": str(home)})
         log_path = self.spec.work_dir / "logs" / "supernode.log"
         self._last_connected = time.monotonic()
+        self.spec.run_end_path.unlink(missing_ok=True)  # a previous join's run, not this one
         backoff = 1.0
         with stop_on_signals(self._stop):
             while not self._stop.is_set():
@@ -310,8 +333,8 @@ class Node:
                     )
                     code = self._wait_child()
                 self._stop_orphans()
-                if code is None:  # stop requested
-                    return
+                if code is None or self.run_end is not None:  # stop requested, or the run is over
+                    return self.run_end
                 output = self.child.tail(40)
                 reason = flower_error(output) or _ANSI.sub("", self.child.tail(8))
                 if any(marker in output for marker in _TLS_MARKERS):
@@ -336,24 +359,32 @@ class Node:
                         f"coordinator at {self.spec.coordinator} did not accept this node for "
                         f"{unreachable_for:.0f} s (retry budget {self.spec.retry_budget_s:.0f} s). Is it "
                         f"running, is the address right and is this node's public key registered there? "
-                        f"Last error: {reason} (log: {log_path})"
+                        f"{_MISSED_END if self.connections else ''}Last error: {reason} (log: {log_path})"
                     )
                 log.warning("SuperNode exited with code %s (%s); rejoining %s in %.0f s",
                             code, reason, self.spec.coordinator, backoff)
                 if self._stop.wait(backoff):
-                    return
+                    return None
                 backoff = min(backoff * 2, self.spec.max_backoff_s)
 
     def _wait_child(self) -> int | None:
+        """The SuperNode's exit code; None once it was stopped (stop requested, or the run ended and the grace
+        for its acknowledgement is over)."""
         assert self.child is not None
+        ended_at = None
         while True:
-            if self._stop.is_set():
+            if ended_at is None and (end := read_run_end(self.spec.run_end_path)) is not None:
+                self.run_end, ended_at = end, time.monotonic()
+            if self._stop.is_set() or (ended_at is not None
+                                       and time.monotonic() - ended_at >= self.spec.finish_grace_s):
                 self.child.stop()
                 return None
             try:
-                return self.child.wait(timeout=0.2)
+                code = self.child.wait(timeout=0.2)
             except subprocess.TimeoutExpired:
                 continue
+            self.run_end = self.run_end or read_run_end(self.spec.run_end_path)  # noted just before it exited
+            return code
 
     def _stop_orphans(self) -> None:
         if self.owns_process and (count := stop_descendants()):
@@ -369,8 +400,8 @@ class Node:
         self._stop_orphans()
 
 
-def join(spec: JoinSpec, echo: TextIO | None = sys.stdout) -> None:
-    """Join the coordinator and stay joined until SIGINT/SIGTERM (see `Node`)."""
+def join(spec: JoinSpec, echo: TextIO | None = sys.stdout) -> RunEnd | None:
+    """Join the coordinator and stay joined until it ends the run (returns how) or SIGINT/SIGTERM (None)."""
     with Node(spec, echo, owns_process=True) as node:
-        node.run()
+        return node.run()
 

@@ -27,6 +27,7 @@ from pollinate.common.wire import arrays_to_record
 from pollinate.methods import get_method
 from pollinate.server.checkpoint import find_resume_point, restore_rng_state
 from pollinate.server.deployment import Deployment
+from pollinate.server.run_end import announce_run_end
 
 
 def server_half(method: str):
@@ -131,6 +132,7 @@ def main(grid: Grid, context: Context) -> None:
     run_config = dict(context.run_config)
     if "run-dir" not in run_config:
         raise ConfigError("the Flower run config has no 'run-dir' entry; start runs with `pollinate coordinator`")
-    run_server(grid, config_from_run_config(run_config), Path(str(run_config["run-dir"])),
-               resume=bool(run_config.get("resume", False)),
+    cfg = config_from_run_config(run_config)
+    run_server(grid, cfg, Path(str(run_config["run-dir"])), resume=bool(run_config.get("resume", False)),
                deployment=Deployment.from_run_config(run_config) or Deployment("127.0.0.1", "127.0.0.1"))
+    announce_run_end(grid, cfg.federation.rounds)  # the clients' `pollinate join` exit instead of rejoining

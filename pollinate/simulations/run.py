@@ -9,12 +9,13 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import threading
 import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pollinate.client.step import check_simulated_precision
 from pollinate.common.config import ConfigError, RunConfig
@@ -24,6 +25,9 @@ from pollinate.common.models import resolve_model
 from pollinate.common.targets import check_target_modules, module_names
 from pollinate.common.trackers import check_trackers
 from pollinate.methods import get_method
+
+if TYPE_CHECKING:
+    from pollinate.simulations.stopping import StopRequest
 
 
 def quiet_library_warnings() -> None:
@@ -125,15 +129,36 @@ def backend_config(cfg: RunConfig, cpu_count: int | None = None) -> dict[str, An
 
 def simulate(cfg: RunConfig, run_dir: Path | None = None, quiet: bool = False,
              resume: bool = False) -> dict[str, Any]:
-    set_env_defaults(SIMULATION_ENV)
+    """Run ``cfg`` on Flower's simulation engine and return the report (also written to ``run_dir``).
+
+    SIGINT/SIGTERM (in the main thread) stop it cleanly and raise ``SimulationInterrupted``, which names the last
+    complete round and how to resume; Ray and its processes are shut down first (see ``stopping``).
+    """
+    set_env_defaults(SIMULATION_ENV)  # before Flower and Ray are imported
+    from pollinate.simulations.stopping import SimulationInterrupted, SimulationStopped, StopRequest
+
+    run_dir = Path(run_dir or default_run_dir(cfg))
+    stop = StopRequest()
+    try:
+        with stop.handling_signals():
+            return _simulate(cfg, run_dir, quiet, resume, stop)
+    except (KeyboardInterrupt, SimulationStopped):
+        if stop.signum is None:
+            raise
+        from pollinate.server.checkpoint import latest_round
+
+        raise SimulationInterrupted(stop.signum, run_dir, latest_round(run_dir)) from None
+
+
+def _simulate(cfg: RunConfig, run_dir: Path, quiet: bool, resume: bool, stop: StopRequest) -> dict[str, Any]:
     from flwr.app import Context
     from flwr.serverapp import Grid, ServerApp
     from flwr.simulation import run_simulation
 
     from pollinate.client.app import app as client_app
     from pollinate.server.app import run_server
+    from pollinate.simulations.stopping import StoppableGrid, start_ray, stop_ray
 
-    run_dir = Path(run_dir or default_run_dir(cfg))
     data_summary = preflight(cfg)
     if not quiet:
         from rich.console import Console
@@ -144,13 +169,27 @@ def simulate(cfg: RunConfig, run_dir: Path | None = None, quiet: bool = False,
 
     @server_app.main()
     def _main(grid: Grid, context: Context) -> None:
-        outcome["report"] = run_server(grid, cfg, run_dir, quiet=quiet, resume=resume, data=data_summary)
+        outcome["server"] = threading.current_thread()
+        outcome["report"] = run_server(StoppableGrid(grid, stop), cfg, run_dir, quiet=quiet, resume=resume,
+                                       data=data_summary)
 
     logging.getLogger("flwr").setLevel(logging.ERROR)  # Pollinate prints its own per-round progress
     quiet_library_warnings()
+    backend = backend_config(cfg)
     with external_methods_for_workers():
-        run_simulation(server_app=server_app, client_app=client_app, num_supernodes=cfg.federation.clients,
-                       backend_config=backend_config(cfg))
+        ray_started = start_ray(backend["init_args"])
+        try:
+            stop.install()  # after ray.init, which replaced the SIGTERM handler
+            stop.graceful = True
+            run_simulation(server_app=server_app, client_app=client_app, num_supernodes=cfg.federation.clients,
+                           backend_config=backend)
+        finally:
+            stop.graceful = False
+            stop.event.set()  # a ServerApp still running (the simulation failed or was forced) stops at once
+            if (server := outcome.get("server")) is not None:
+                server.join()
+            if ray_started:
+                stop_ray()
     if "report" not in outcome:
         raise RuntimeError(f"the simulation ended without a report; see the log above and {run_dir}/metrics.jsonl")
     return outcome["report"]

@@ -108,6 +108,9 @@ def deployment(pki, tmp_path_factory):
         run.join(150)
         elapsed = time.monotonic() - started
         rejected = {"intruder": runners[2].join(60).error, "wrong_ca": runners[3].join(60).error}
+        for runner in runners[:2]:  # told by the coordinator that the run has ended, each returns on its own
+            runner.thread.join(60)
+        ended = [runner.result for runner in runners[:2]]
     finally:
         coordinator.stop()
         for node in nodes:
@@ -116,7 +119,7 @@ def deployment(pki, tmp_path_factory):
     for runner in runners[:2]:
         runner.join(30)
     yield {"run": run, "tmp": tmp, "elapsed": elapsed, "rejected": rejected, "nodes": nodes, "spec": spec,
-           "coordinator": coordinator}
+           "coordinator": coordinator, "ended": ended}
 
 
 @pytest.mark.slow
@@ -156,6 +159,14 @@ def test_client_trusting_another_ca_is_refused_without_retrying(deployment):
     err = deployment["rejected"]["wrong_ca"]
     assert isinstance(err, JoinError) and not isinstance(err, CoordinatorUnreachableError), err
     assert "TLS verification" in str(err) and "ca.crt" in str(err)
+
+
+@pytest.mark.slow
+def test_joined_nodes_return_when_the_coordinator_ends_the_run(deployment):
+    assert deployment["run"].error is None
+    assert [end and end.rounds for end in deployment["ended"]] == [2, 2]
+    assert all(node.child is not None and node.child.poll() is not None for node in deployment["nodes"])
+    assert "2 of 2 connected clients acknowledged" in (deployment["spec"].run_dir / "logs" / "flwr-run.log").read_text()
 
 
 @pytest.mark.slow
