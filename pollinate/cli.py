@@ -69,7 +69,7 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, help="run seed (federation.seed)")
     parser.add_argument("--scenario", choices=("uniform", "tiers", "mixed"),
                         help="resource profiles of simulated clients (federation.scenario)")
-    parser.add_argument("--out", help="run directory (output.dir; default runs/<timestamp>)")
+    parser.add_argument("--out", help="run directory (output.dir)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override any config key (repeatable)")
 

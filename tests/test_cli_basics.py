@@ -42,3 +42,27 @@ def test_a_mistyped_choice_suggests_the_closest(argv, hint, capsys):
 def test_bench_suggests_a_mistyped_method(capsys):
     assert main(["bench", "--methods", "fedavg-lora,fedpip"]) == 2
     assert "did you mean 'fedpipe'?" in capsys.readouterr().err
+
+
+def _help_entries(parser):
+    """Every option's help text and every epilog line of ``parser`` and its subcommands, with where it is."""
+    import argparse
+
+    for line in (parser.epilog or "").splitlines():
+        yield parser.prog, line
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                yield from _help_entries(sub)
+        elif action.help:
+            yield f"{parser.prog} {'/'.join(action.option_strings) or action.dest}", action.help
+
+
+def test_no_help_entry_states_its_default_twice():
+    import re
+
+    said = re.compile(r"\(default\b|\bby default\b", re.IGNORECASE)
+    entries = list(_help_entries(cli.build_parser()))
+    assert any("output.dir" in text for _, text in entries)  # the config-key epilog is among them
+    twice = [(where, text) for where, text in entries if len(said.findall(text)) > 1]
+    assert not twice, twice

@@ -78,8 +78,8 @@ class DataConfig:
     text_field: str = config_field("Field holding the input text (classification)", default="text")
     label_field: str = config_field("Field holding the class label (classification)", default="label")
     partition_by: str = config_field(
-        "Field used by dirichlet/pathological partitioning (default: 'skill' for generation, the label field "
-        "for classification)",
+        "Field used by dirichlet/pathological partitioning; empty = 'skill' for generation, the label field "
+        "for classification",
         default="",
     )
     partition: str = config_field("iid | dirichlet | pathological", default="dirichlet")
@@ -290,7 +290,7 @@ class EvalConfig:
 class OutputConfig:
     """Where the run writes its report, metrics, checkpoints and adapter."""
 
-    dir: str = config_field("Run directory (default: runs/<timestamp>)", default="")
+    dir: str = config_field("Run directory; empty = runs/<timestamp>", default="")
     plots: bool = config_field("Write PNG plots and report.md", default=True)
     loggers: list[str] = config_field(
         "Experiment trackers that also receive every round's metrics: any of tensorboard, mlflow, trackio, wandb "

@@ -63,10 +63,15 @@ def cache_dir() -> Path:
     return Path(os.environ.get("POLLINATE_CACHE", Path.home() / ".cache" / "pollinate")) / "models"
 
 
-def _atomic_build(target: Path, build) -> Path:
-    """Build a directory in a temp sibling and rename it into place, so a crash leaves no half cache."""
+def _atomic_build(target: Path, build, note: str = "") -> Path:
+    """Build a directory in a temp sibling and rename it into place, so a crash leaves no half cache; ``note``,
+    when given, is printed (stderr) before a build that happens."""
     if (target / "config.json").is_file():
         return target
+    if note:
+        from rich.console import Console
+
+        Console(stderr=True, soft_wrap=True).print(note, markup=False, highlight=False)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
     try:
@@ -207,11 +212,13 @@ def cached_hub_model(repo_id: str) -> str:
     return str(path)
 
 
-def resolve_model(name: str) -> ModelInfo:
+def resolve_model(name: str, quiet: bool = False) -> ModelInfo:
     """Preset, local directory or cached Hub id -> a local HF model directory with its family and default
-    task."""
+    task. Converting the SmolLM2 preset (the first time only) prints one line first unless ``quiet``."""
     if name == "smollm2-135m":
-        path = str(_atomic_build(cache_dir() / "smollm2-135m-instruct", _build_smollm2))
+        target = cache_dir() / "smollm2-135m-instruct"
+        note = f"converting SmolLM2-135M-Instruct from its GGUF into {target} (once)..."
+        path = str(_atomic_build(target, _build_smollm2, "" if quiet else note))
     elif name == "minilm":
         path = _minilm_path()
     elif name in ("tiny-llama", "tiny-bert"):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import sys
 import threading
 import time
 import warnings
@@ -42,14 +43,15 @@ def default_run_dir(cfg: RunConfig) -> Path:
     return Path("runs") / time.strftime("%Y%m%d-%H%M%S")
 
 
-def preflight(cfg: RunConfig) -> dict[str, Any]:
+def preflight(cfg: RunConfig, quiet: bool = False) -> dict[str, Any]:
     """Fail before any process starts: the trackers are installed, a GPU is there for clients that reserve one,
-    the model resolves, the LoRA targets exist, the data loads and partitions without empties. Returns what the
-    run's header reports of the data: examples in training and eval, and per client."""
+    the model resolves (unless ``quiet``, a line says when a preset is converted), the LoRA targets exist, the data
+    loads and partitions without empties. Returns what the run's header reports of the data: examples in training
+    and eval, and per client."""
     check_trackers(cfg.output.loggers)
     check_client_gpus(cfg, local_gpus())
     check_simulated_precision(cfg.train.precision, cfg.federation.client_gpus, cfg.federation.ray_address)
-    info = resolve_model(cfg.model.name)
+    info = resolve_model(cfg.model.name, quiet=quiet)
     task = resolve_task_type(cfg.data, info.default_task)
     if cfg.lora.target_modules and "lora" in get_method(cfg.method).shared_sections:
         check_target_modules(cfg.lora.target_modules, module_names(info.path, task), "lora.target_modules",
@@ -127,6 +129,20 @@ def backend_config(cfg: RunConfig, cpu_count: int | None = None) -> dict[str, An
     return {"client_resources": {"num_cpus": fed.client_cpus, "num_gpus": fed.client_gpus}, "init_args": init_args}
 
 
+def describe_engine(backend: dict[str, Any]) -> str:
+    """One line for the console before Ray starts (or is connected to), which takes seconds."""
+    init_args = backend["init_args"]
+    if "address" in init_args:
+        return f"connecting the simulation engine (Ray) to the cluster at {init_args['address']}..."
+    workers = round(init_args["num_cpus"] / backend["client_resources"]["num_cpus"])  # backend_config made it whole
+    return f"starting the simulation engine (Ray) with {workers} worker{'s' if workers != 1 else ''}..."
+
+
+def _ray_initialized() -> bool:
+    ray = sys.modules.get("ray")
+    return ray is not None and ray.is_initialized()
+
+
 def simulate(cfg: RunConfig, run_dir: Path | None = None, quiet: bool = False,
              resume: bool = False) -> dict[str, Any]:
     """Run ``cfg`` on Flower's simulation engine and return the report (also written to ``run_dir``).
@@ -154,16 +170,15 @@ def _simulate(cfg: RunConfig, run_dir: Path, quiet: bool, resume: bool, stop: St
     from flwr.app import Context
     from flwr.serverapp import Grid, ServerApp
     from flwr.simulation import run_simulation
+    from rich.console import Console
 
     from pollinate.client.app import app as client_app
     from pollinate.server.app import run_server
     from pollinate.simulations.stopping import StoppableGrid, start_ray, stop_ray
 
-    data_summary = preflight(cfg)
-    if not quiet:
-        from rich.console import Console
-
-        Console(stderr=True, soft_wrap=True).print(describe_data(cfg, data_summary), markup=False)
+    data_summary = preflight(cfg, quiet=quiet)
+    console = Console(stderr=True, soft_wrap=True, quiet=quiet)  # quiet: no progress lines
+    console.print(describe_data(cfg, data_summary), markup=False)
     outcome: dict[str, Any] = {}
     server_app = ServerApp()
 
@@ -177,6 +192,8 @@ def _simulate(cfg: RunConfig, run_dir: Path, quiet: bool, resume: bool, stop: St
     quiet_library_warnings()
     backend = backend_config(cfg)
     with external_methods_for_workers():
+        if not _ray_initialized():
+            console.print(describe_engine(backend), markup=False, highlight=False)
         ray_started = start_ray(backend["init_args"])
         try:
             stop.install()  # after ray.init, which replaced the SIGTERM handler

@@ -35,3 +35,14 @@ def test_clients_that_reserve_a_gpu_need_one_here_unless_on_a_cluster():
     check_client_gpus(build_config(None, ["federation.client_gpus=0.5", "federation.ray_address=auto"]), gpus=0)
     with pytest.raises(ConfigError, match="federation.client_gpus"):
         build_config(None, ["federation.client_gpus=-1"])
+
+
+def test_the_engine_line_names_the_workers_of_a_local_ray_or_the_cluster_address():
+    from pollinate.simulations.run import describe_engine
+
+    local = backend_config(build_config(None, ["federation.client_cpus=0.7"]), cpu_count=5)
+    assert describe_engine(local) == "starting the simulation engine (Ray) with 7 workers..."
+    one = backend_config(build_config(None, ["federation.client_cpus=2"]), cpu_count=3)
+    assert describe_engine(one) == "starting the simulation engine (Ray) with 1 worker..."
+    cluster = backend_config(build_config(None, ["federation.ray_address=10.0.0.5:6379"]))
+    assert describe_engine(cluster) == "connecting the simulation engine (Ray) to the cluster at 10.0.0.5:6379..."

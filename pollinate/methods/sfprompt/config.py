@@ -35,8 +35,8 @@ class SFPromptConfig:
         "0 = once, at the client's first round, which saves a forward pass over all local data per round)",
         default=1)
     local_epochs: float = config_field(
-        "Local-loss passes over all local data per round (head output straight into the tail, no server). "
-        "Off by default: it trains the tail on first-block features the tail never sees behind the body, and "
+        "Local-loss passes over all local data per round (head output straight into the tail, no server; 0 = off). "
+        "Best left off: it trains the tail on first-block features the tail never sees behind the body, and "
         "cost more than the split steps regained (docs/methods/sfprompt.md)",
         default=0.0)
     local_steps: int = config_field("Cap on local-loss steps per round (0 = no cap)", default=0)
