@@ -259,6 +259,10 @@ def test_clients_refuse_foreign_apps_and_apps_signed_by_another_key(tmp_path):
         outcome = coordinator.submit_run(write_app_dir(spec, identities), timeout_s=120)
         assert outcome.ok, outcome
         assert json.loads((tmp_path / "own.json").read_text())["rounds"][0]["values"] == [6.0]
+        # The finished run told its client so, and `join` returned: join again for the next run.
+        nodes[0][1].join(60)
+        assert not nodes[0][1].is_alive(), "n1 did not return when its run ended"
+        nodes.append(_join(tmp_path, "n1-again", port, certs.ca_cert, keys["n1"][0], own_pub))
 
         # A modified app submitted on the coordinator's loopback (the public port refuses submissions):
         # the client answers INVALID_FAB and none of that app's code runs there.
