@@ -23,6 +23,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from pollinate.common.uvicorn_thread import wait_until_started
 from pollinate.dashboard.access import COOKIE, Access, DashboardError, is_loopback
 from pollinate.dashboard.source import DashboardData
 
@@ -168,11 +169,7 @@ class DashboardServer:
         self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self._socket]},
                                         name="pollinate-dashboard", daemon=True)
         self._thread.start()
-        for _ in range(int(timeout_s / 0.02)):
-            if self.server.started or not self._thread.is_alive():
-                break
-            threading.Event().wait(0.02)
-        if not self.server.started:
+        if not wait_until_started(self.server, self._thread, timeout_s):
             self.stop()
             raise DashboardError(f"dashboard on {self.access.host}:{self.port} did not start")
         return self

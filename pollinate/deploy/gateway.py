@@ -34,6 +34,8 @@ from starlette.responses import PlainTextResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from pollinate.common.uvicorn_thread import wait_until_started
+
 log = logging.getLogger(__name__)
 
 # Every route of Flower 1.42's Fleet router (flwr/superlink/routers/fleet/router.py), which is also every
@@ -329,11 +331,7 @@ class GatewayThread:
 
     def start(self, timeout_s: float = 10.0) -> GatewayThread:
         self._thread.start()
-        for _ in range(int(timeout_s / 0.02)):
-            if self.server.started or not self._thread.is_alive():
-                break
-            threading.Event().wait(0.02)
-        if not self.server.started:
+        if not wait_until_started(self.server, self._thread, timeout_s):
             raise RuntimeError(f"fleet gateway did not start within {timeout_s:.0f} s")
         return self
 
