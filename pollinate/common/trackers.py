@@ -127,13 +127,13 @@ def _flat_params(config: dict[str, Any], prefix: str = "") -> dict[str, str]:
 
 class MLflowTracker:
     """An MLflow run (experiment ``$MLFLOW_EXPERIMENT_NAME`` or ``pollinate``); without ``MLFLOW_TRACKING_URI``
-    the store is ``RUN_DIR/mlruns``."""
+    the store is the SQLite database ``RUN_DIR/mlflow.db`` (MLflow 3 refuses a new file store by default)."""
 
     def __init__(self, run_dir: Path, run_name: str, config: dict[str, Any]):
         import mlflow
 
         if not os.environ.get("MLFLOW_TRACKING_URI"):
-            mlflow.set_tracking_uri((run_dir / "mlruns").resolve().as_uri())
+            mlflow.set_tracking_uri(f"sqlite:///{(run_dir / 'mlflow.db').resolve()}")
         mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME", "pollinate"))
         self.mlflow = mlflow
         mlflow.start_run(run_name=run_name)
