@@ -127,14 +127,20 @@ def _flat_params(config: dict[str, Any], prefix: str = "") -> dict[str, str]:
 
 class MLflowTracker:
     """An MLflow run (experiment ``$MLFLOW_EXPERIMENT_NAME`` or ``pollinate``); without ``MLFLOW_TRACKING_URI``
-    the store is the SQLite database ``RUN_DIR/mlflow.db`` (MLflow 3 refuses a new file store by default)."""
+    the store is the SQLite database ``RUN_DIR/mlflow.db`` (MLflow 3 refuses a new file store by default) with the
+    artifacts in ``RUN_DIR/mlartifacts``."""
 
     def __init__(self, run_dir: Path, run_name: str, config: dict[str, Any]):
         import mlflow
 
-        if not os.environ.get("MLFLOW_TRACKING_URI"):
+        name = os.environ.get("MLFLOW_EXPERIMENT_NAME", "pollinate")
+        if os.environ.get("MLFLOW_TRACKING_URI"):
+            mlflow.set_experiment(name)
+        else:  # our own store: the database and the artifacts both inside the run directory
             mlflow.set_tracking_uri(f"sqlite:///{(run_dir / 'mlflow.db').resolve()}")
-        mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME", "pollinate"))
+            if mlflow.get_experiment_by_name(name) is None:
+                mlflow.create_experiment(name, artifact_location=(run_dir / "mlartifacts").resolve().as_uri())
+            mlflow.set_experiment(name)
         self.mlflow = mlflow
         mlflow.start_run(run_name=run_name)
         params = _flat_params(config)

@@ -23,6 +23,7 @@ def test_mlflow_records_every_round_in_the_run_directory(tmp_path, monkeypatch):
     run = client.search_runs([client.get_experiment_by_name("pollinate").experiment_id])[0]
     assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "eval/loss")] == [(0, 2.5), (1, 2.0)]
     assert run.data.params["train.lr"] == "0.001"
+    assert list((tmp_path / "mlartifacts").rglob("round-0001.json"))  # texts stay inside the run directory
 
 
 def test_wandb_offline_run_lands_in_the_run_directory(tmp_path, monkeypatch):
