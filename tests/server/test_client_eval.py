@@ -8,7 +8,7 @@ import uuid
 import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
+from test_strategy import FakeGrid, task_identity  # noqa: F401  (the autouse fixture applies here too)
 
 from pollinate.common.config_io import build_config
 from pollinate.common.report import RunRecorder
@@ -16,20 +16,6 @@ from pollinate.common.wire import arrays_to_record, record_to_arrays
 from pollinate.methods.fedavg_full.server import FedAvgFull
 
 NODES = [11, 12, 13, 14]
-
-
-class FakeGrid:
-    def __init__(self, nodes: list[int]) -> None:
-        self.nodes = nodes
-
-    def get_node_ids(self) -> list[int]:
-        return list(self.nodes)
-
-
-@pytest.fixture(autouse=True)
-def task_identity(monkeypatch):
-    for name, value in (("_run_id", 1), ("_node_id", 1), ("_task_id", 0)):
-        monkeypatch.setattr(TaskIdentity, name, value)
 
 
 def _strategy(tmp_path, *overrides: str) -> FedAvgFull:
