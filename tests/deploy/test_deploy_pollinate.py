@@ -2,7 +2,7 @@
 
 One deployment (TLS + node authentication, 3 clients, 3 rounds of fedavg-lora on tiny-llama) goes through
 what deployment must survive: after round 1 the whole coordinator tree is SIGKILLed and restarted with
-`--resume`; the clients' `join` supervisors rejoin on their own; in round 3 one client is SIGKILLed mid-round
+`--resume`; the clients' `join` supervisors rejoin on their own; as round 3 starts one client is SIGKILLed
 and the round completes with the other two. Every process a test starts is stopped by PID.
 """
 
@@ -21,7 +21,6 @@ import pytest
 from pollinate.cli import main
 from pollinate.common.data import generate_skills
 from pollinate.deploy.processes import free_loopback_port
-from pollinate.simulations.process_trees import clientapps_since
 
 ROOT = Path(__file__).resolve().parents[2]
 ROUND_TIMEOUT_S = 90  # long enough for a healthy client on a busy 2-core machine, short for the dropped one
@@ -113,16 +112,13 @@ def deployment(pki, tmp_path_factory):
         _signal_tree(_tree(coordinator.pid), signal.SIGKILL)
         crashed_at = time.monotonic()
         resumed = _start([*_coordinator_args(pki, port), "--resume", str(run_dir)], coordinator_log)
-        # Round 3 under way on client 2 (a ClientApp process started after round 2 was recorded): kill it.
+        # Round 2 recorded: Flower sends round 3's messages next, to every node still online (a node is marked
+        # offline only after missing heartbeats, tens of seconds). Client 2 is SIGKILLed now, so it dies with a
+        # round-3 message addressed to it. (Waiting for its round-3 ClientApp process first raced tiny-llama's
+        # few-second training: on a loaded machine the reply could leave before the kill.)
         _wait_for("round 2 of the resumed run",
                   lambda: any(e["type"] == "round" and e["round"] == 2 for e in _events(run_dir)),
                   300, resumed, coordinator_log)
-        round2_at = max(e["time"] for e in _events(run_dir) if e["type"] == "round" and e["round"] == 2)
-
-        def round3_clientapp():
-            return clientapps_since(clients[2].pid, round2_at)
-
-        _wait_for("client 2's round-3 ClientApp", round3_clientapp, 120, resumed, coordinator_log)
         _signal_tree(_tree(clients[2].pid), signal.SIGKILL)
         code = resumed.wait(ROUND_TIMEOUT_S + 180)
         elapsed = time.monotonic() - started
