@@ -7,6 +7,7 @@ everything expensive is cached here by what determines it.
 
 from __future__ import annotations
 
+import math
 import resource
 import time
 from dataclasses import dataclass, field
@@ -266,6 +267,7 @@ def evaluation_reply(cfg: RunConfig, data: LocalData, model: torch.nn.Module | N
         examples = EvalExamples(data.task_type, data.eval_rows, data.eval_encoded, template=cfg.data.template)
         result = evaluate_model(model, examples, tokenizer_for(cfg), cfg.eval.batch_size, cfg.eval.max_new_tokens)
         name = metric_name(data.task_type)
-        values.update({"num-examples": len(data.eval_encoded), "eval_loss": float(result["eval_loss"]),
-                       name: float(result["eval_metrics"][name])})
+        if math.isfinite(result["eval_loss"]):  # NaN: no held-out answer fits model.max_seq_len, nothing to report
+            values.update({"num-examples": len(data.eval_encoded), "eval_loss": float(result["eval_loss"]),
+                           name: float(result["eval_metrics"][name])})
     return RecordDict({"metrics": MetricRecord(values)})

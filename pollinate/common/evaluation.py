@@ -8,6 +8,7 @@ The server evaluates the run's held-out split; each client evaluates its own hel
 
 from __future__ import annotations
 
+import math
 import random
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
@@ -86,14 +87,16 @@ def loss_and_accuracy(model: torch.nn.Module, encoded: list[dict[str, Any]], pad
 
 @torch.no_grad()
 def generation_loss(model: torch.nn.Module, encoded: list[dict[str, Any]], pad_id: int, batch_size: int) -> float:
-    """Generation: mean loss per target token."""
+    """Generation: mean loss per target token; NaN when no example has a target token left (answers cut by
+    ``model.max_seq_len``). A batch without target tokens is skipped: its loss is 0/0 (NaN) and counts for 0."""
     model.eval()
     total, weight = 0.0, 0
     for chunk in _batches(encoded, batch_size):
         batch = _on(model, collate(list(chunk), pad_id))
         n = int((batch["labels"][:, 1:] != -100).sum())
-        total, weight = total + float(model(**batch).loss) * n, weight + n
-    return total / max(weight, 1)
+        if n:
+            total, weight = total + float(model(**batch).loss) * n, weight + n
+    return total / weight if weight else math.nan
 
 
 @torch.no_grad()

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psutil
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
@@ -312,6 +313,7 @@ class PollinateStrategy(Strategy):
             **self.timing.round_fields(checkpointed=False),  # completed once the checkpoint is written
             **self.round_fields(),
             **self.client_eval.round_fields(),
+            "server_rss_bytes": psutil.Process().memory_info().rss,  # the driver's memory stays flat at scale
             "clients": sorted(self._clients, key=_client_order),
         }
         with self.timing.measure("checkpoint"):

@@ -2,6 +2,7 @@
 two-pass evaluation gave; generation scores greedy answers; a client's held-out rows are drawn reproducibly."""
 
 import json
+import math
 import random
 
 import pytest
@@ -93,6 +94,23 @@ def test_generation_loss_is_per_target_token_and_exact_match_is_per_group():
     assert set(result["eval_metrics"]) == {"exact_match", *(f"exact_match/{r['skill']}" for r in rows)}
     answers = [rows[0]["response"], "no", rows[2]["response"] + "!", "no", rows[4]["response"]]
     assert exact_match(rows, answers) == {"exact_match": 0.4}
+
+
+def test_examples_whose_answer_was_cut_off_count_for_nothing_in_the_generation_loss():
+    """An example truncated before its answer has no target token: its batch's loss is 0/0 and must not turn the
+    mean into NaN (a legitimate client's evaluation reply was rejected for it); with no target token at all the
+    loss is NaN and a client reports that it evaluated nothing."""
+    path = resolve_model("tiny-llama").path
+    tokenizer = load_tokenizer(path)
+    torch.manual_seed(0)
+    model = load_model(path, "generation").eval()
+    rows = generate_skills(3, seed=1)
+    encoded = [encode_generation(r, tokenizer, 64) for r in rows]
+    cut = {**encoded[0], "labels": [-100] * len(encoded[0]["labels"])}
+    pad = tokenizer.pad_token_id
+    assert generation_loss(model, [cut, *encoded[1:]], pad, 1) == pytest.approx(
+        generation_loss(model, encoded[1:], pad, 1), rel=1e-6)
+    assert math.isnan(generation_loss(model, [cut], pad, 1))
 
 
 def test_held_out_rows_are_a_reproducible_capped_share_and_never_all():

@@ -105,6 +105,7 @@ def test_a_round_driven_as_flower_does_records_each_phase(tmp_path, monkeypatch)
 
     (record,) = strategy.recorder.rounds
     assert record["seconds"] == 20.5
+    assert record["server_rss_bytes"] > 1 << 20  # this process's resident memory, in bytes
     assert record["timing"] == {"train_seconds": 10.0, "eval_seconds": 3.0, "client_eval_seconds": 4.0,
                                 "aggregate_seconds": 2.0, "checkpoint_seconds": 0.5, "other_seconds": 1.0}
     line = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines() if '"round"' in x][-1]
