@@ -30,7 +30,9 @@ def _coerce(name: str, value: Any, tp: Any) -> Any:
     """Check/convert a TOML or CLI value to the field's declared type."""
     origin = typing.get_origin(tp)
     if origin in (list, tuple):
-        if isinstance(value, str):  # "--set lora.target_modules=q_proj,v_proj"
+        if isinstance(value, str):  # "--set lora.target_modules=q_proj,v_proj" or "=[q_proj,v_proj]" (not TOML)
+            value = value.strip()
+            value = value[1:-1] if value.startswith("[") and value.endswith("]") else value
             value = [v.strip() for v in value.split(",") if v.strip()]
         require(isinstance(value, list), name, value, "a list")
         (item_tp,) = typing.get_args(tp)[:1]

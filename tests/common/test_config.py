@@ -21,6 +21,12 @@ def test_toml_then_overrides_take_precedence(tmp_path):
     assert cfg.train.lr == pytest.approx(0.01)
 
 
+def test_a_bracketed_list_of_bare_words_is_a_list_not_bracketed_names():
+    """``[q_proj,v_proj]`` is not TOML (bare words), but it is what a user types for a list."""
+    for text in ("[q_proj,v_proj]", "[q_proj, v_proj]", '["q_proj","v_proj"]', "q_proj,v_proj"):
+        assert build_config(None, [f"lora.target_modules={text}"]).lora.target_modules == ["q_proj", "v_proj"]
+
+
 def test_effective_config_toml_rebuilds_the_same_config(tmp_path):
     cfg = build_config(None, ["federation.clients=7", 'data.source="x.jsonl"'])
     path = tmp_path / "effective.toml"
