@@ -85,13 +85,16 @@ def local_data(cfg: RunConfig, node_config: dict[str, Any]) -> LocalData:
     partition_id = int(node_config.get("partition-id", 0))
     num_partitions = int(node_config.get("num-partitions", cfg.federation.clients))
 
+    # A simulation worker serves many clients: the task and its partitioning are built once per process.
+    task_key = ("task", path, repr(data_cfg), task, cfg.federation.seed)
+
     def build() -> LocalData:
-        task_data = load_task(data_cfg, task, cfg.federation.seed)
+        task_data = cached(task_key, lambda: load_task(data_cfg, task, cfg.federation.seed))
         if node_config.get("data-path"):
             rows = task_data.train
         else:
-            parts = partition_indices(task_data.train, num_partitions, data_cfg, task_data.partition_by,
-                                      cfg.federation.seed)
+            parts = cached((*task_key, "partitions", num_partitions), lambda: partition_indices(
+                task_data.train, num_partitions, data_cfg, task_data.partition_by, cfg.federation.seed))
             rows = [task_data.train[i] for i in parts[partition_id]]
         held = held_out_indices(len(rows), cfg.eval.client_fraction, cfg.eval.client_max_examples,
                                 derive_seed(cfg.federation.seed, "client-eval-rows", partition_id))
