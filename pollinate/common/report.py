@@ -154,10 +154,15 @@ class RunRecorder:
         atomic_write_text(self.run_dir / "report.json", json.dumps(report, indent=2))
         if plots:
             write_markdown(self.run_dir, report)
-        self._metrics.close()
-        for tracker in self.trackers:
-            tracker.close()
+        self.close()
         return report
+
+    def close(self) -> None:
+        """Close metrics.jsonl and the trackers, once: after the report, or when the run fails before it."""
+        self._metrics.close()
+        trackers, self.trackers = self.trackers, []
+        for tracker in trackers:
+            tracker.close()
 
 
 def summary_table(report: dict[str, Any]) -> Table:

@@ -73,8 +73,9 @@ def run_server(grid: Grid, cfg: RunConfig, run_dir: Path, quiet: bool = False, r
         # Node sampling (python random) and any numpy use on the server follow the run seed.
         random.seed(cfg.federation.seed)
         np.random.seed(cfg.federation.seed % 2**32)
-    strategy = server_half(cfg.method).make_strategy(cfg, recorder, run_dir, deployment)
+    strategy = None
     try:
+        strategy = server_half(cfg.method).make_strategy(cfg, recorder, run_dir, deployment)
         initial = strategy.initial_arrays()
         if point is not None:
             strategy.round_offset = point.server_round
@@ -94,8 +95,12 @@ def run_server(grid: Grid, cfg: RunConfig, run_dir: Path, quiet: bool = False, r
             timeout=cfg.federation.round_timeout_s, train_config=ConfigRecord(), evaluate_fn=strategy.end_round,
         )
         extra = strategy.save_final(result.arrays if len(result.arrays) else initial)
+    except BaseException:
+        recorder.close()  # a failed or stopped run still ends its tracker runs
+        raise
     finally:
-        strategy.close()
+        if strategy is not None:
+            strategy.close()
     return recorder.write({**extra, "config": cfg.to_dict()}, plots=cfg.output.plots)
 
 

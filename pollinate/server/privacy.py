@@ -88,15 +88,24 @@ class ServerPrivacy:
         """The new global state from the clients' ``states`` (their ``weights`` and ``reply_metrics`` in the same
         order): central DP clips, averages with equal weights and adds noise; local DP combines as given."""
         if self.mode == "local":
-            flags = [bool(metrics.get(DP_CLIPPED_METRIC, 0)) for metrics in reply_metrics]
-            self._note(server_round, self.clip_norm, flags)
+            self.note_local(server_round, reply_metrics)
             return combine(states, weights)
-        clip_norm = self.clip_norm
-        clipped = [clip_update(state, base, clip_norm) for state in states]
+        clipped = [clip_update(state, base, self.clip_norm) for state in states]
         mean = combine([state for state, _ in clipped], [1.0] * len(clipped))
+        return self.noised_mean(server_round, mean, [was_clipped for _, was_clipped in clipped])
+
+    def note_local(self, server_round: int, reply_metrics: list[Any]) -> None:
+        """Local DP: the round's ε and the share of clients that clipped (each reply's ``dp_clipped``)."""
+        flags = [bool(metrics.get(DP_CLIPPED_METRIC, 0)) for metrics in reply_metrics]
+        self._note(server_round, self.clip_norm, flags)
+
+    def noised_mean(self, server_round: int, mean: Arrays, flags: list[bool]) -> Arrays:
+        """Central DP's release: ``mean`` (the equal-weight mean of ``len(flags)`` updates clipped to ``clip_norm``;
+        ``flags``: which were clipped) plus seeded noise of std σ·C/n, drawn tensor by tensor in name order; then
+        the clip norm adapts (``adaptive_clipping``) and the round is recorded."""
+        clip_norm = self.clip_norm
         rng = np.random.default_rng(derive_seed(self.run_seed, "server-dp-noise", server_round))
-        noised = add_noise(mean, compute_stdv(self.update_noise, clip_norm, len(clipped)), rng)
-        flags = [was_clipped for _, was_clipped in clipped]
+        noised = add_noise(mean, compute_stdv(self.update_noise, clip_norm, len(flags)), rng)
         if self.adaptive:
             self._adapt(flags, rng)
         self._note(server_round, clip_norm, flags)

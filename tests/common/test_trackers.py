@@ -10,6 +10,7 @@ from pollinate.common.config import ConfigError
 from pollinate.common.config_io import build_config
 from pollinate.common.report import RunRecorder
 from pollinate.common.trackers import check_trackers, open_trackers, round_scalars, round_texts
+from pollinate.server import app as server_app
 
 RECORD = {
     "round": 1, "train_loss": 0.5, "eval_loss": 0.25, "eval_metrics": {"exact_match": 0.75, "exact_match/add": 1.0},
@@ -66,6 +67,19 @@ def test_the_recorder_feeds_every_round_to_its_trackers(tmp_path, monkeypatch):
     assert [step for step, _, _ in tracker.logged] == [0, 1, 2]
     assert tracker.logged[0][1] == {"eval/loss": 1.0, "eval/exact_match": 0.0}
     assert tracker.logged[2][1]["total/bytes_up"] == 200.0 and tracker.logged[2][2] == round_texts(RECORD)
+
+
+def test_a_run_that_fails_closes_its_trackers_once(tmp_path, monkeypatch):
+    monkeypatch.setitem(trackers.FACTORIES, "wandb", FakeTracker)
+    monkeypatch.setitem(trackers.TRACKER_MODULES, "wandb", "json")
+    cfg = build_config(None, ['output.loggers = ["wandb"]', "model.name=tiny-llama"])
+    opened = []
+    monkeypatch.setattr(server_app, "open_trackers", lambda *a: opened.extend(open_trackers(*a)) or opened)
+    monkeypatch.setattr(server_app, "server_half", lambda method: (_ for _ in ()).throw(RuntimeError("boom")))
+    with pytest.raises(RuntimeError, match="boom"):
+        server_app.run_server(None, cfg, tmp_path / "run")
+    (tracker,) = opened
+    assert tracker.closed
 
 
 def test_a_missing_tracker_package_is_one_line_naming_the_extra(monkeypatch):

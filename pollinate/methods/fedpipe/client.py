@@ -5,7 +5,9 @@ matrix — mean |W ⊙ ∂L/∂W| over a few local batches (gradient sensitivity
 train (each round): build the planned model once (base quantized to the planned bits, kept per process; a
 LoRA adapter with the planned modules and per-module ranks), apply the server's compressed delta to the
 factors this client holds, train, and send back the compressed delta of the trained factors with error
-feedback. Per-client state that must survive rounds (factors held, residuals) lives in ``context.state``,
+feedback (with local DP the change is clipped and noised first: ``privatize_delta``).
+evaluate (after a round it trained in): the global model, rebuilt on an fp32 base, on the held-out examples.
+Per-client state that must survive rounds (factors held, residuals) lives in ``context.state``,
 because in simulation a process may serve a different virtual client each round.
 A classifier also trains its head in full (peft ``modules_to_save``, left unquantized): it is part of the
 adapter state, so it arrives, trains and travels back with the factors.
@@ -28,9 +30,11 @@ from pollinate.common.config import RunConfig
 from pollinate.common.data import ExampleStream
 from pollinate.common.models import FAMILY_ALL_LINEAR, model_device, resolve_model
 from pollinate.common.pooling import resolve_pooling
+from pollinate.common.privacy import DP_CLIPPED_METRIC, add_noise, clip_update, read_local_dp
 from pollinate.common.seeds import derive_seed
 from pollinate.common.wire import bytes_to_record, record_to_arrays, record_to_bytes
 from pollinate.methods.fedpipe.codec import ErrorFeedback, decode_bundle
+from pollinate.methods.fedpipe.global_model import load_global
 
 HELD_KEY, RESIDUAL_KEY, VERSION_KEY = "fedpipe.held", "fedpipe.residual", "fedpipe.version"
 
@@ -179,6 +183,7 @@ def train(msg: Message, cfg: RunConfig, context: Context) -> RecordDict:
                                    steps=int(plan.get("local_steps") or cfg.train.local_steps))
     trained = adapter_state(model, adapter)
     delta = {k: trained[k] - start[k] for k in trained}
+    delta, dp_metrics = privatize_delta(delta, plan, cfg.federation.seed, server_round, data.client_id)
 
     feedback = ErrorFeedback(_load_state_arrays(context, RESIDUAL_KEY) if cfg.fedpipe.error_feedback else {})
     payload = feedback.encode(delta, cfg.fedpipe.uplink_encoding, base_version=_held_version(context),
@@ -187,4 +192,41 @@ def train(msg: Message, cfg: RunConfig, context: Context) -> RecordDict:
     if cfg.fedpipe.error_feedback:
         _store_state_arrays(context, RESIDUAL_KEY, feedback.residuals)
     return runtime.training_reply(cfg, node_config, data, stats, bytes_to_record(payload),
-                                  residual_norm=feedback.residual_norm())
+                                  residual_norm=feedback.residual_norm(), **dp_metrics)
+
+
+def privatize_delta(delta: dict[str, np.ndarray], plan: dict[str, Any], run_seed: int, server_round: int,
+                    client_id: int) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+    """Local DP, when the plan carries a clip norm and σ (``privacy.dp = "local"``): this round's change of the
+    factors and the head (the vector this client sends) clipped to L2 norm C and noised with N(0, (σC)²) per entry,
+    seeded per (run seed, round, client), before error feedback and compression: both are then post-processing,
+    and the residual error feedback keeps is computed from the noised change. It is the factor change, not ΔW, that
+    is clipped and noised: a noised ΔW is a dense (out, in) matrix that rank-r factors cannot carry. Returns the
+    change (as given without local DP) and the reply's ``dp_clipped`` metric (none without local DP)."""
+    asked = read_local_dp(plan)
+    if asked is None:
+        return delta, {}
+    clip_norm, noise_multiplier = asked
+    clipped, was_clipped = clip_update(delta, {k: np.zeros_like(v) for k, v in delta.items()}, clip_norm)
+    rng = np.random.default_rng(derive_seed(run_seed, "client-dp-noise", server_round, client_id))
+    return add_noise(clipped, noise_multiplier * clip_norm, rng), {DP_CLIPPED_METRIC: int(was_clipped)}
+
+
+EVAL_TAG = "fedpipe-eval"
+
+
+def evaluate(msg: Message, cfg: RunConfig, context: Context) -> RecordDict:
+    """The global model on this client's held-out examples: W₀ + the global ΔW of every module the run adapts and a
+    classifier's global head (the message's bundle, ``global_model``), rebuilt on an fp32 copy of the base (the
+    model the server evaluates, not this client's quantized training base), loaded for the evaluation and freed
+    after it, since the plan sized this client's memory for its training model alone."""
+    data = runtime.local_data(cfg, dict(context.node_config))
+    if not data.eval_encoded:
+        return runtime.evaluation_reply(cfg, data)
+    model = runtime.base_model(cfg, data.num_labels, tag=EVAL_TAG)
+    try:
+        load_global(model, record_to_bytes(msg.content["arrays"]), runtime.head_modules_for(cfg),
+                    cfg.fedpipe.global_rank)
+        return runtime.evaluation_reply(cfg, data, model)
+    finally:
+        runtime.drop_cached(("base",), tag=EVAL_TAG)

@@ -38,10 +38,13 @@ def head_arrays(params: dict[str, torch.nn.Parameter]) -> dict[str, np.ndarray]:
 
 @torch.no_grad()
 def load_head(params: dict[str, torch.nn.Parameter], head: dict[str, np.ndarray]) -> None:
-    """Write ``head`` into the model's head parameters (the key sets must match)."""
+    """Write ``head`` into the model's head parameters (the key sets and shapes must match)."""
     if head.keys() != params.keys():
         raise ValueError(f"global head has tensors {sorted(head)[:3]}, the model's head {sorted(params)[:3]}")
     for key, param in params.items():
+        if np.shape(head[key]) != tuple(param.shape):
+            raise ValueError(f"global head tensor '{key}' has shape {np.shape(head[key])}, expected "
+                             f"{tuple(param.shape)}")
         param.copy_(torch.from_numpy(np.asarray(head[key], dtype=np.float32)).to(param.device))
 
 

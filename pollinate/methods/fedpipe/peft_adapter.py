@@ -9,10 +9,14 @@ rank: a peft ``LoraConfig`` with per-module ``rank_pattern``/``alpha_pattern``; 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
-from peft import LoraConfig, TaskType
+import torch
+from peft import LoraConfig, TaskType, get_peft_model
 
+from pollinate.common.adapters import load_adapter_state
 from pollinate.methods.fedpipe import head
 from pollinate.methods.fedpipe.factors import lora_keys
 
@@ -37,3 +41,17 @@ def global_to_peft(state: dict[str, np.ndarray], head_modules: list[str],
         key_a, key_b = lora_keys(module)
         adapter[key_a], adapter[key_b] = factors[f"{module}.a"], factors[f"{module}.b"]
     return config, adapter
+
+
+def save_adapter(state: dict[str, np.ndarray], head_modules: list[str], task: str,
+                 load_base: Callable[[], torch.nn.Module], adapter_dir: Path) -> str | None:
+    """Write a FedPipe global state as a peft adapter on the base ``load_base()`` returns; the adapter's directory,
+    or None while no module has been adapted."""
+    converted = global_to_peft(state, head_modules, task)
+    if converted is None:
+        return None
+    config, adapter = converted
+    model = get_peft_model(load_base(), config)
+    load_adapter_state(model, adapter)
+    model.save_pretrained(adapter_dir)
+    return str(adapter_dir)

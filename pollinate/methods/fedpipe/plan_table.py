@@ -15,8 +15,18 @@ from rich.table import Table
 from rich.text import Text
 
 from pollinate.common.report import RunRecorder, peer_text
+from pollinate.methods.fedpipe.planner import ClientPlan
 
 LOG_WIDTH = 200  # off a terminal (a log file) the table keeps one line per client instead of wrapping at 80
+
+
+def plan_summary(plan: ClientPlan) -> dict[str, Any]:
+    """What the report and the table show of a plan: modules, a rank histogram, bits, batch, steps, estimates."""
+    ranks = list(plan.ranks.values())
+    return {"modules": len(ranks), "ranks": dict(sorted({r: ranks.count(r) for r in ranks}.items())),
+            "bits": plan.bits, "batch_size": plan.batch_size, "local_steps": plan.local_steps,
+            "est_memory_mib": round(plan.est_memory_bytes / 2**20, 1),
+            "est_compute_s": round(plan.est_compute_s, 2), "est_comm_s": round(plan.est_comm_s, 2)}
 
 
 def ranks_text(ranks: Mapping[Any, Any]) -> str:

@@ -17,12 +17,17 @@ A classifier (encoder) also trains its head in full (``head``): every planned cl
 its factors, in the same bundle, and returns its change; the head is aggregated by ``federation.aggregator``
 (example-weighted FedAvg) and evaluated with the server's model, its pooling included.
 
+After each round the clients that trained evaluate the new global model on their held-out examples: the whole
+global state in one bundle (``global_model``). ``privacy.dp``: central DP clips, averages and noises the updates in
+the same update space (``central_dp``); local DP clips and noises each client's factor change on the client.
+
 A client is the node that sent its replies (``NodeIdentity``), from round 0 on: a second node naming a planned
 client's id is refused, in round 0 and after.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from pathlib import Path
@@ -42,12 +47,12 @@ from pollinate.common.profiles import ResourceProfile
 from pollinate.common.report import RunRecorder
 from pollinate.common.seeds import derive_seed
 from pollinate.common.wire import arrays_to_record, bytes_to_record, record_to_arrays, record_to_bytes
-from pollinate.methods.fedpipe import head, update_space
+from pollinate.methods.fedpipe import central_dp, global_model, head, update_space
 from pollinate.methods.fedpipe.codec import WIRE_BYTES_PER_PARAM, decode_bundle, encode_bundle
 from pollinate.methods.fedpipe.factors import LORA_ALPHA_PER_RANK, factors_for_client, lora_keys
 from pollinate.methods.fedpipe.lowrank import LoraFactors, apply_weighted_updates
-from pollinate.methods.fedpipe.peft_adapter import global_to_peft
-from pollinate.methods.fedpipe.plan_table import print_plan_table
+from pollinate.methods.fedpipe.peft_adapter import save_adapter
+from pollinate.methods.fedpipe.plan_table import plan_summary, print_plan_table
 from pollinate.methods.fedpipe.planner import (
     ClientPlan,
     PlanInfeasible,
@@ -59,6 +64,7 @@ from pollinate.methods.fedpipe.planner import (
 from pollinate.server import robust
 from pollinate.server.deployment import Deployment
 from pollinate.server.evaluation import ServerEvaluator
+from pollinate.server.privacy import ServerPrivacy
 from pollinate.server.replies import finite_number, integer_in, reply_metrics
 from pollinate.server.strategy import PollinateStrategy, Reply, UpdateRejected, rejection_reason
 
@@ -71,10 +77,7 @@ class FedPipe(PollinateStrategy):
         if cfg.federation.server_optimizer != "fedavg":  # ΔW is kept factored; no optimizer steps it yet
             raise ConfigError(f"federation.server_optimizer = {cfg.federation.server_optimizer!r}: method "
                               "'fedpipe' supports only 'fedavg' (the aggregate is the new global ΔW)")
-        if cfg.privacy.dp != "none":  # noise belongs in ΔW space before compression (docs/privacy.md)
-            raise ConfigError(f"privacy.dp = {cfg.privacy.dp!r}: method 'fedpipe' does not support differential "
-                              "privacy yet (its updates are compressed factor deltas with error feedback; the "
-                              "noise must be added in ΔW space before compression); use fedavg-lora")
+        self.privacy = ServerPrivacy.for_run(cfg, self.min_train_nodes)  # None without DP
         self.evaluator = ServerEvaluator(cfg)
         self.task, path = self.evaluator.task.task_type, self.evaluator.model_path
         self.head_modules = head_module_names(self.task, resolve_pooling(cfg.model.pooling, path))
@@ -95,6 +98,7 @@ class FedPipe(PollinateStrategy):
         self.round_starts: dict[int, dict[str, np.ndarray]] = {}
         self.importance: dict[str, float] = {}
         self.truncation: float = 0.0
+        self._eval_payload: tuple[int, bytes] | None = None  # (round, the global state as clients evaluate it)
 
     # --- round 0: profiles, importance, plans ---------------------------------------------------------
     def plan_options(self) -> PlanOptions:
@@ -155,9 +159,9 @@ class FedPipe(PollinateStrategy):
         self.recorder.event("plans", round=server_round,
                             importance_top=sorted(self.importance, key=self.importance.get)[-5:],
                             # module_ranks: each module's rank, for the dashboard's heat map
-                            plans={str(c): {**_plan_summary(p), "module_ranks": dict(p.ranks)}
+                            plans={str(c): {**plan_summary(p), "module_ranks": dict(p.ranks)}
                                    for c, p in new_plans.items()}, **head_params)
-        print_plan_table(self.recorder, {str(c): _plan_summary(p) for c, p in new_plans.items()},
+        print_plan_table(self.recorder, {str(c): plan_summary(p) for c, p in new_plans.items()},
                          {str(c): profile.name for c, profile in zip(clients, profiles, strict=True)}, server_round)
 
     def _read_prepare_reply(self, node_id: int,
@@ -195,10 +199,7 @@ class FedPipe(PollinateStrategy):
 
     @staticmethod
     def global_factors(arrays: ArrayRecord) -> dict[str, LoraFactors]:
-        state, _ = head.split_global(record_to_arrays(arrays))
-        modules = {key.rsplit(".", 1)[0] for key in state}
-        return {m: LoraFactors(a=state[f"{m}.a"], b=state[f"{m}.b"], alpha=float(state[f"{m}.a"].shape[0]))
-                for m in modules}
+        return global_model.global_factors(record_to_arrays(arrays))
 
     @staticmethod
     def global_head(arrays: ArrayRecord) -> dict[str, np.ndarray]:
@@ -220,8 +221,9 @@ class FedPipe(PollinateStrategy):
             target[key_a], target[key_b] = factors.a.astype(np.float32), factors.b.astype(np.float32)
         target.update(self.global_head(arrays))
         payload = self._encode_downlink(client, target)
+        dp = self.privacy.train_config_entries() if self.privacy is not None else {}  # local DP: C and σ
         plan_json = json.dumps({"ranks": plan.ranks, "bits": plan.bits, "batch_size": plan.batch_size,
-                                "local_steps": plan.local_steps})
+                                "local_steps": plan.local_steps, **dp})
         config = ConfigRecord({**dict(config), "plan": plan_json})
         return RecordDict({"arrays": bytes_to_record(payload), "config": config})
 
@@ -283,7 +285,12 @@ class FedPipe(PollinateStrategy):
     def aggregate(self, server_round: int, replies: list[Reply]) -> ArrayRecord:
         """FedAvg (exact, per module over its adapters); Krum/Multi-Krum: the same over the clients they select,
         equally weighted; median/trimmed mean: per module on the dense ΔW_k (see ``update_space``). A classifier's
-        head: the global head plus the clients' changes combined the same way."""
+        head: the global head plus the clients' changes combined the same way. Central DP: ``central_dp``; local
+        DP: as without, the clients' clipping noted."""
+        if self.privacy is not None and self.privacy.mode == "central":
+            return self._private_aggregate(server_round, replies)
+        if self.privacy is not None:
+            self.privacy.note_local(server_round, [reply.content["metrics"] for reply in replies])
         aggregator, byzantine = self.cfg.federation.aggregator, self.cfg.federation.byzantine_clients
         weights = [float(reply.num_examples) for reply in replies]
         if aggregator in ("krum", "multi-krum"):
@@ -312,6 +319,17 @@ class FedPipe(PollinateStrategy):
                             modules=len(per_module))
         return arrays_to_record(state)
 
+    def _private_aggregate(self, server_round: int, replies: list[Reply]) -> ArrayRecord:
+        """Central DP over every module of the run's plans and the head (``central_dp``)."""
+        modules = sorted({module for plan in self.plans.values() for module in plan.ranks})
+        shapes = {**{m: self.shapes[m] for m in modules},
+                  **{head.HEAD_PREFIX + key: value.shape for key, value in self.initial_head.items()}}
+        state, self.truncation = central_dp.private_aggregate(
+            self.privacy, server_round, [self.change_pairs(r.client_id, r.update) for r in replies], shapes,
+            self.global_factors(self.global_arrays), self.global_head(self.global_arrays), self.cfg.fedpipe.global_rank)
+        self.recorder.event("aggregate", round=server_round, truncation_error=self.truncation, modules=len(modules))
+        return arrays_to_record(state)
+
     def _combine_module(self, current: LoraFactors | None,
                         updates: list[tuple[float, LoraFactors, LoraFactors]]) -> tuple[LoraFactors, np.ndarray]:
         if self.cfg.federation.aggregator in ("median", "trimmed-mean"):
@@ -331,28 +349,34 @@ class FedPipe(PollinateStrategy):
         return {k: (current[k].astype(np.float64) + combined[k]).astype(np.float32) for k in current}
 
     def evaluate_content(self, node_id: int, server_round: int, arrays: ArrayRecord) -> RecordDict | None:
-        """Client-side federated evaluation is not supported by FedPipe yet: every node is skipped."""
-        return None
+        """The new global state for a client to evaluate on its held-out examples (``client.evaluate``): every
+        module's global factors and the head in one bundle (``global_model.encode_global``: the downlink's
+        encoding, fp16 where that one drops entries), encoded once per round."""
+        if self._eval_payload is None or self._eval_payload[0] != server_round:
+            self._eval_payload = (server_round, global_model.encode_global(record_to_arrays(arrays), self.cfg.fedpipe))
+        config = ConfigRecord({"server-round": server_round, "run-config": self.client_config})
+        return RecordDict({"arrays": bytes_to_record(self._eval_payload[1]), "config": config})
+
+    def round_fields(self) -> dict[str, Any]:
+        """``privacy`` (ε, δ, σ, clip norm, clipped fraction) of a run with DP; nothing otherwise."""
+        return {} if self.privacy is None else {"privacy": self.privacy.take_round_record()}
 
     def client_record(self, client_id: int, content: RecordDict, bytes_up: int, bytes_down: int) -> dict[str, Any]:
         record = super().client_record(client_id, content, bytes_up, bytes_down)
         plan = self.plans.get(record["client_id"])
         if plan is not None:
-            record.update(plan=_plan_summary(plan), est_memory_bytes=int(plan.est_memory_bytes),
+            record.update(plan=plan_summary(plan), est_memory_bytes=int(plan.est_memory_bytes),
                           est_round_seconds=round(plan.est_compute_s + plan.est_comm_s, 3))
         return record
 
     # --- evaluation and the final adapter --------------------------------------------------------------
     @torch.no_grad()
-    def _merge_into_base(self, arrays: ArrayRecord) -> dict[str, LoraFactors]:
-        """Evaluate by writing W₀ + ΔW into the server's fp32 copy (no adapter layers needed)."""
-        current = self.global_factors(arrays)
+    def _merge_into_base(self, arrays: ArrayRecord) -> None:
+        """Evaluate by writing W₀ + ΔW into the server's fp32 copy (no adapter layers needed), as clients do."""
         modules = dict(self.model.named_modules())
         for name, weight in self.base_weights.items():
-            delta = current[name].delta() if name in current else None
-            new = weight if delta is None else weight + torch.from_numpy(delta.astype(np.float32)).to(weight.device)
-            modules[name].weight.copy_(new)
-        return current
+            modules[name].weight.copy_(weight)
+        global_model.add_global_delta(self.model, self.global_factors(arrays))
 
     def evaluate_global(self, arrays: ArrayRecord) -> dict[str, Any]:
         self._merge_into_base(arrays)
@@ -363,31 +387,13 @@ class FedPipe(PollinateStrategy):
     def save_final(self, arrays: ArrayRecord) -> dict[str, Any]:
         """The global ΔW as a PEFT LoRA adapter (``peft_adapter``: per-module rank, alpha = rank so scaling is 1),
         with a classifier's head as its ``modules_to_save``."""
-        from peft import get_peft_model
-
-        from pollinate.common.adapters import load_adapter_state
-
-        extra = {"plans": {str(c): _plan_summary(p) for c, p in self.plans.items()},
+        extra = {"plans": {str(c): plan_summary(p) for c, p in self.plans.items()},
                  "importance": self.importance, "truncation_error": self.truncation}
-        converted = global_to_peft(record_to_arrays(arrays), self.head_modules, self.task)
-        if converted is None:
-            return {"adapter_dir": None, "fedpipe": extra}
-        config, state = converted
-        base = load_model(self.evaluator.model_path, self.task, self.evaluator.num_labels,
-                          pooling=self.cfg.model.pooling)
-        model = get_peft_model(base, config)
-        load_adapter_state(model, state)
-        adapter_dir = self.run_dir / "adapter"
-        model.save_pretrained(adapter_dir)
-        return {"adapter_dir": str(adapter_dir), "fedpipe": extra}
-
-
-def _plan_summary(plan: ClientPlan) -> dict[str, Any]:
-    ranks = list(plan.ranks.values())
-    return {"modules": len(ranks), "ranks": dict(sorted({r: ranks.count(r) for r in ranks}.items())),
-            "bits": plan.bits, "batch_size": plan.batch_size, "local_steps": plan.local_steps,
-            "est_memory_mib": round(plan.est_memory_bytes / 2**20, 1),
-            "est_compute_s": round(plan.est_compute_s, 2), "est_comm_s": round(plan.est_comm_s, 2)}
+        base = functools.partial(load_model, self.evaluator.model_path, self.task, self.evaluator.num_labels,
+                                 pooling=self.cfg.model.pooling)
+        adapter_dir = save_adapter(record_to_arrays(arrays), self.head_modules, self.task, base,
+                                   self.run_dir / "adapter")
+        return {"adapter_dir": adapter_dir, "fedpipe": extra}
 
 
 def make_strategy(cfg: RunConfig, recorder: RunRecorder, run_dir: Path,
