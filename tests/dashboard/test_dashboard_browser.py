@@ -171,6 +171,7 @@ def test_epsilon_shows_in_a_header_card_and_per_round_only_with_dp(page, tmp_pat
             if shown:
                 screenshot(page, "privacy.png")
                 assert page.locator("#stat-epsilon").text_content() == "1.23"
+                assert page.locator("#stat-round-note").text_content() == "writing the report"  # 2 of 2, no report
                 assert page.locator("#stat-epsilon-note").text_content() == "δ 0.00001 · after round 2 · 50% clipped"
                 column = headers.index("ε") + 1
                 cells = page.locator(f"#rounds-table tbody td:nth-child({column})").all_text_contents()

@@ -186,7 +186,8 @@
         " clients replied";
     } else {
       $("stat-round").textContent = s.last_done + (h.rounds ? " / " + h.rounds : "");
-      $("stat-round-note").textContent = s.finished ? "run finished" : "no round has started";
+      $("stat-round-note").textContent = s.finished ? "run finished" : !s.last_done ? "no round has started" :
+        h.rounds && s.last_done >= h.rounds ? "writing the report" : "between rounds";
     }
     $("stat-loss").textContent = last ? num(last.eval_loss, 4) : "–";
     const initial = run.rounds.find((r) => r.round === 0);
