@@ -18,6 +18,8 @@ from flwr.clientapp import ClientApp
 from pollinate.client.half import ClientHalf, EvaluatingClientHalf, PreparingClientHalf, checked_half
 from pollinate.client.privacy import privatize_reply
 from pollinate.client.run_end import note_run_end
+from pollinate.client.secagg import secure_aggregation_mod
+from pollinate.client.worker_link import forward_to_worker
 from pollinate.common.config import RunConfig
 from pollinate.common.lr_schedule import read_lr_scale, scaled_learning_rates
 from pollinate.common.run_end import RUN_END_ACTION
@@ -27,7 +29,10 @@ METHOD_MODULES_ENV = "POLLINATE_METHOD_MODULES"
 for _module in filter(None, os.environ.get(METHOD_MODULES_ENV, "").split(",")):
     importlib.import_module(_module)  # importing a client half registers its method (its package's __init__)
 
-app = ClientApp()
+# On a `pollinate join` node, train and evaluate messages go to its long-lived worker (client/worker_link.py),
+# which runs this same app: forward_to_worker comes first, so every other mod (secure aggregation,
+# client/secagg.py) runs once, in the worker, on the node state the worker hands back.
+app = ClientApp(mods=[forward_to_worker, secure_aggregation_mod])
 
 
 def client_half(method: str, *, prepare: bool = False) -> ClientHalf | PreparingClientHalf:

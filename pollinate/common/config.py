@@ -311,7 +311,7 @@ DP_MODES = ("none", "central", "local")
 @dataclass
 class PrivacyConfig:
     """Differential privacy of the clients' updates (docs/privacy.md): the dense methods (fedavg-lora, fedavg-full,
-    SFPrompt's prompts and tail); FedPipe refuses it."""
+    SFPrompt's prompts and tail) and FedPipe (in its update space)."""
 
     dp: str = config_field(
         "none | central (the server clips each client's update and adds Gaussian noise to their mean; trusts the "
@@ -330,6 +330,22 @@ class PrivacyConfig:
         "When > 0: derive the noise multiplier so that the whole run spends at most this epsilon (RDP accountant, "
         "this run's client sampling rate and rounds); 0 = use noise_multiplier", server_only=True, default=0.0)
     delta: float = config_field("The delta of the reported (epsilon, delta)", server_only=True, default=1e-5)
+    secure_aggregation: bool = config_field(
+        "SecAgg+ (fedavg-lora, fedavg-full): the server learns only the sum of the clients' updates, masked, "
+        "clipped and quantized on the clients; needs federation.aggregator = fedavg and both norm bounds 0",
+        server_only=True, default=False)
+    secagg_num_shares: int = config_field(
+        "SecAgg+: each client shares its secrets with this many neighbours, itself included (the round's clients "
+        "when fewer; odd below that)", server_only=True, default=3)
+    secagg_reconstruction_threshold: int = config_field(
+        "SecAgg+: shares that rebuild a secret: each client needs this many of its neighbours to stay until the "
+        "unmask stage; more than half of secagg_num_shares", server_only=True, default=2)
+    secagg_clipping_range: float = config_field(
+        "SecAgg+: every coordinate of a client's update is clipped to [-this, this] before quantization "
+        "(with dp = central the clip norm is used instead)", server_only=True, default=8.0)
+    secagg_quantization_range: int = config_field(
+        "SecAgg+: quantization levels over [-clipping range, clipping range]; clients per round x this must stay "
+        "below 2^32", server_only=True, default=2**22)
 
     def __post_init__(self) -> None:
         one_of("privacy.dp", self.dp, DP_MODES)
@@ -341,6 +357,16 @@ class PrivacyConfig:
         require(self.noise_multiplier >= 0, "privacy.noise_multiplier", self.noise_multiplier, "a float >= 0")
         require(self.target_epsilon >= 0, "privacy.target_epsilon", self.target_epsilon, "a float >= 0 (0 = off)")
         require(0 < self.delta < 1, "privacy.delta", self.delta, "a float in (0, 1)")
+        require(isinstance(self.secure_aggregation, bool), "privacy.secure_aggregation", self.secure_aggregation,
+                "true or false")
+        require(self.secagg_num_shares >= 3, "privacy.secagg_num_shares", self.secagg_num_shares, "an int >= 3")
+        require(self.secagg_num_shares / 2 < self.secagg_reconstruction_threshold < self.secagg_num_shares,
+                "privacy.secagg_reconstruction_threshold", self.secagg_reconstruction_threshold,
+                f"an int above half of secagg_num_shares = {self.secagg_num_shares} and below it")
+        require(self.secagg_clipping_range > 0, "privacy.secagg_clipping_range", self.secagg_clipping_range,
+                "a float > 0")
+        require(2 <= self.secagg_quantization_range < 2**32, "privacy.secagg_quantization_range",
+                self.secagg_quantization_range, "an int in [2, 2^32)")
 
 
 # Method sections and method names, filled by ``pollinate.methods.register_method`` (this module knows no method).

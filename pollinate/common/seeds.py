@@ -44,6 +44,10 @@ SEED_STREAMS: dict[str, SeedStream] = {
     # differential privacy: the server's noise per round, a client's (local DP) per (round, client)
     "server-dp-noise": SeedStream(1_000_003, (1,), offset=17),
     "client-dp-noise": SeedStream(1_000_003, (1_009, 1), offset=19),
+    # SFPrompt: a client's noise on the activations it sends, per (round, client, phase: 0 training, 1 evaluation)
+    "client-activation-noise": SeedStream(1_000_003, (1_009, 1, 500_009), offset=23),
+    # secure aggregation: a client's stochastic rounding of its update before masking, per (round, client)
+    "client-secagg-rounding": SeedStream(1_000_003, (1_009, 1), offset=29),
     # the built-in task's held-out examples (the training examples use the run seed itself)
     "eval-examples": SeedStream(1, (), offset=1_000_003),
 }

@@ -8,7 +8,7 @@ an integer in ``[0, eval.client_max_examples]`` (0: the client holds nothing out
 finite number >= 0 and the task metric a number in ``[0, 1]``. A reply that fails is rejected (recorder) alone.
 The round record gets the per-client results, their example-weighted mean, the worst client (lowest metric,
 then highest loss) and the evaluate messages' bytes (``bytes_eval_down``/``bytes_eval_up``, apart from the
-training totals).
+training totals), plus the bytes a method's own data plane carried for the evaluation (``plane_bytes``).
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ class ClientEvaluation:
         self._sent: list[Message] = []
         self._down: dict[int, int] = {}
         self._up = 0
+        self._plane_down = 0
         self._results: list[dict[str, Any]] = []
 
     def messages(self, nodes: Iterable[int], content_for: Callable[[int], RecordDict | None]) -> list[Message]:
@@ -77,13 +78,19 @@ class ClientEvaluation:
         """The round record's client-evaluation fields (none when nothing was sent), then a fresh round."""
         if not self._sent:
             return {}
-        fields: dict[str, Any] = {"bytes_eval_down": sum(self._down.values()), "bytes_eval_up": self._up}
+        fields: dict[str, Any] = {"bytes_eval_down": sum(self._down.values()) + self._plane_down,
+                                  "bytes_eval_up": self._up}
         if self._results:
             clients = sorted(self._results, key=lambda r: r["client_id"])
             worst = min(clients, key=lambda r: (r[self.metric], -r["eval_loss"]))
             fields["client_eval"] = {"clients": clients, "mean": self._mean(), "worst": dict(worst)}
         self.reset()
         return fields
+
+    def plane_bytes(self, content: RecordDict) -> tuple[int, int]:
+        """``(up, down)`` bytes a reply reports its evaluation sent over a method's own data plane (SFPrompt's
+        split plane), counted in the eval bytes; none here. May raise: the reply is then rejected."""
+        return 0, 0
 
     def _mean(self) -> dict[str, Any] | None:
         total = sum(r["num_examples"] for r in self._results)
@@ -103,6 +110,8 @@ class ClientEvaluation:
             if not first:
                 raise UpdateRejected(f"node {node_id} sent more than one evaluation reply this round",
                                      reason="identity")
+            plane_up, plane_down = self.plane_bytes(msg.content)
+            self._up, self._plane_down = self._up + plane_up, self._plane_down + plane_down
             return self._read(node_id, msg)
         except Exception as exc:  # noqa: BLE001  (a peer's reply must never end the round)
             reason = str(exc) if isinstance(exc, UpdateRejected) else f"{type(exc).__name__}: {exc}"

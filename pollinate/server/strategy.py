@@ -28,7 +28,7 @@ from abc import abstractmethod
 from collections.abc import Callable, Iterable
 from logging import INFO
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import psutil
@@ -95,7 +95,13 @@ class PollinateStrategy(Strategy):
         The coordinator's network facts; None in simulation.
     """
 
+    # Whether this method's replies can be securely aggregated (server.secagg); others refuse the setting.
+    supports_secure_aggregation: ClassVar[bool] = False
+
     def __init__(self, cfg: RunConfig, recorder: RunRecorder, run_dir: Path, deployment: Deployment | None = None):
+        if cfg.privacy.secure_aggregation and not self.supports_secure_aggregation:
+            raise ConfigError(f"privacy.secure_aggregation = true is not supported by method {cfg.method!r}: only "
+                              "methods whose clients return one dense state of fixed shapes (fedavg-lora, fedavg-full)")
         n = cfg.federation.clients
         self.fraction_train = cfg.federation.fraction_train
         self.min_train_nodes = max(1, round(n * cfg.federation.fraction_train))
@@ -137,8 +143,9 @@ class PollinateStrategy(Strategy):
         ``UpdateRejected`` when it must not count. No side effects: what it returns reaches ``aggregate``."""
 
     @abstractmethod
-    def update_norm(self, client_id: int, update: Any) -> float:
-        """L2 norm of a decoded update as a change of the global model (what the norm bounds apply to)."""
+    def update_norm(self, client_id: int, update: Any) -> float | None:
+        """L2 norm of a decoded update as a change of the global model (what the norm bounds apply to); None when
+        the server cannot see it (a masked update: secure aggregation refuses the norm bounds)."""
 
     @abstractmethod
     def aggregate(self, server_round: int, replies: list[Reply]) -> ArrayRecord:
@@ -171,6 +178,11 @@ class PollinateStrategy(Strategy):
         """What one client receives (``None``: skip this node this round); methods that send per-client
         payloads override this."""
         return RecordDict({"arrays": arrays, "config": config})
+
+    def before_train(self, grid: Grid, server_round: int, messages: list[Message]) -> list[Message]:
+        """The round's train messages just before they go out: a method may exchange other messages first and
+        send fewer or amended ones (secure aggregation's key exchange); default: as they are."""
+        return messages
 
     def evaluate_content(self, node_id: int, server_round: int, arrays: ArrayRecord) -> RecordDict | None:
         """What one client evaluates the global state with on its held-out examples (``None``: this method has
@@ -223,10 +235,10 @@ class PollinateStrategy(Strategy):
         messages = []
         for node_id in self.sample(grid):
             content = self.train_content(node_id, server_round, arrays, config)
-            if content is None:
-                continue
-            self._down[node_id] = wire_bytes(content)
-            messages.append(Message(content=content, dst_node_id=node_id, message_type=MessageType.TRAIN))
+            if content is not None:
+                messages.append(Message(content=content, dst_node_id=node_id, message_type=MessageType.TRAIN))
+        messages = self.before_train(grid, server_round, messages)
+        self._down = {message.metadata.dst_node_id: wire_bytes(message.content) for message in messages}
         self._sent = messages  # the grid gives each its message id when it pushes it
         self.timing.open("train")  # Flower sends them now and waits for the replies
         return messages
@@ -357,13 +369,15 @@ class PollinateStrategy(Strategy):
         record.update(self.client_record(client_id, msg.content, record["bytes_up"], record["bytes_down"]))
         record.update(self.profile_timing(msg.content, record["bytes_up"], record["bytes_down"]))
         update = self.decode_reply(server_round, client_id, msg.content)
-        norm = float(self.update_norm(client_id, update))
-        if not np.isfinite(norm):
-            raise UpdateRejected(f"update L2 norm is {norm}", reason="non-finite")
-        if fed.update_norm_bound and norm > fed.update_norm_bound:
-            raise UpdateRejected(f"update L2 norm {norm:.3g} exceeds federation.update_norm_bound = "
-                                 f"{fed.update_norm_bound:g}", reason="norm")
-        record["update_norm"] = norm
+        norm = self.update_norm(client_id, update)
+        if norm is not None:
+            norm = float(norm)
+            if not np.isfinite(norm):
+                raise UpdateRejected(f"update L2 norm is {norm}", reason="non-finite")
+            if fed.update_norm_bound and norm > fed.update_norm_bound:
+                raise UpdateRejected(f"update L2 norm {norm:.3g} exceeds federation.update_norm_bound = "
+                                     f"{fed.update_norm_bound:g}", reason="norm")
+            record["update_norm"] = norm
         return Reply(client_id, node_id, num_examples, msg.content, update, norm, record)
 
     def _within_relative_bound(self, server_round: int, replies: list[Reply]) -> list[Reply]:

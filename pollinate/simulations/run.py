@@ -49,6 +49,7 @@ def preflight(cfg: RunConfig, quiet: bool = False) -> dict[str, Any]:
     loads and partitions without empties. Returns what the run's header reports of the data: examples in training
     and eval, and per client."""
     check_trackers(cfg.output.loggers)
+    check_secure_aggregation(cfg)
     check_client_gpus(cfg, local_gpus())
     check_simulated_precision(cfg.train.precision, cfg.federation.client_gpus, cfg.federation.ray_address)
     info = resolve_model(cfg.model.name, quiet=quiet)
@@ -60,6 +61,20 @@ def preflight(cfg: RunConfig, quiet: bool = False) -> dict[str, Any]:
     parts = partition_indices(data.train, cfg.federation.clients, cfg.data, data.partition_by, cfg.federation.seed)
     return {"train_examples": len(data.train), "eval_examples": len(data.eval),
             "examples_per_client": [len(part) for part in parts]}
+
+
+def check_secure_aggregation(cfg: RunConfig) -> None:
+    """What the server would refuse at its first round, refused before the simulation engine starts."""
+    if not cfg.privacy.secure_aggregation:
+        return
+    from pollinate.server.secagg import check_combination
+
+    module = get_method(cfg.method).server_half()
+    strategies = [obj for obj in vars(module).values() if isinstance(obj, type) and obj.__module__ == module.__name__]
+    if not any(getattr(cls, "supports_secure_aggregation", False) for cls in strategies):
+        raise ConfigError(f"privacy.secure_aggregation = true is not supported by method {cfg.method!r}; "
+                          "expected fedavg-lora or fedavg-full")
+    check_combination(cfg, max(1, round(cfg.federation.clients * cfg.federation.fraction_train)))
 
 
 def local_gpus() -> int:

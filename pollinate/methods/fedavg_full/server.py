@@ -26,6 +26,8 @@ from pollinate.server.state_fedavg import StateFedAvg
 class FedAvgFull(StateFedAvg):
     """FedAvg over all model parameters; settings in ``RunConfig`` (``[train]``, ``[federation]``, ...)."""
 
+    supports_secure_aggregation = True  # one dense state of fixed shapes: masked sums work (server.secagg)
+
     def __init__(self, cfg: RunConfig, recorder: RunRecorder, run_dir: Path, deployment: Deployment | None = None):
         super().__init__(cfg, recorder, run_dir, deployment)
         self.evaluator = ServerEvaluator(cfg)

@@ -33,6 +33,8 @@ from pollinate.server.state_fedavg import StateFedAvg
 class FedAvgLora(StateFedAvg):
     """FedAvg over peft LoRA adapters; all parameters in ``RunConfig`` (``[lora]``, ``[train]``, ...)."""
 
+    supports_secure_aggregation = True  # one dense state of fixed shapes: masked sums work (server.secagg)
+
     def __init__(self, cfg: RunConfig, recorder: RunRecorder, run_dir: Path, deployment: Deployment | None = None):
         super().__init__(cfg, recorder, run_dir, deployment)
         self.evaluator = ServerEvaluator(cfg)

@@ -10,8 +10,11 @@ head); the frozen body runs on the server's split service. Per round:
    ``sfprompt.local_epochs``);
 4. split steps on the kept data: head activations up, body output down, gradient up, gradient down;
 5. return the trained prompts + tail state with the split-plane bytes and timings.
-Only prompts and tail train; head and body stay frozen. Scoring and selection live in ``pruning``, the two
-training phases in ``training``; this module is the Flower side of a round.
+Only prompts and tail train; head and body stay frozen. Every activation tensor sent up first gets Gaussian noise
+when ``sfprompt.activation_noise`` is set (``noise``). After the round, Flower's evaluate message brings the new
+global prompts + tail and a forward-only token: ``evaluate`` runs the held-out examples head -> server body -> tail.
+Scoring and selection live in ``pruning``, the two training phases in ``training``; this module is the Flower side
+of a round.
 """
 
 from __future__ import annotations
@@ -32,8 +35,9 @@ from pollinate.common.seeds import derive_seed
 from pollinate.common.wire import arrays_to_record, record_to_arrays
 from pollinate.methods.sfprompt.channel import SplitChannel
 from pollinate.methods.sfprompt.config import SFPromptConfig
+from pollinate.methods.sfprompt.noise import EVALUATION, TRAINING, activation_noise_seed, with_activation_noise
 from pollinate.methods.sfprompt.pruning import BodyFn, el2n_scores, select_kept
-from pollinate.methods.sfprompt.split import SplitParts, split_model
+from pollinate.methods.sfprompt.split import PromptedSplitModel, SplitParts, split_model
 from pollinate.methods.sfprompt.training import phase_steps, train_prompts_and_tail
 
 
@@ -112,6 +116,34 @@ class TimedSplitChannel(SplitChannel):
             self.wait_seconds += time.perf_counter() - start
 
 
+def open_channel(split: ConfigRecord, sf: SFPromptConfig, context: Context) -> TimedSplitChannel:
+    """A session with the split service the message's ``split`` record names, with its token."""
+    ca_pem = str(split["ca-pem"]) if "ca-pem" in split else ""
+    return TimedSplitChannel(str(split["address"]), str(split["token"]), node_id=str(context.node_id),
+                             wire_dtype=str(split["wire-dtype"]), timeout_s=sf.call_timeout_s,
+                             max_message_bytes=sf.max_message_bytes, root_certificates=ca_pem.encode() or None)
+
+
+def service_body(channel: SplitChannel, cfg: RunConfig, server_round: int, client_id: int, phase: int) -> BodyFn:
+    """The body this client's ``phase`` calls: the channel's, behind ``sfprompt.activation_noise`` when set."""
+    seed = activation_noise_seed(cfg.federation.seed, server_round, client_id, phase)
+    return with_activation_noise(channel.body, cfg.sfprompt.activation_noise, seed)
+
+
+def in_batches(body: BodyFn, max_batch: int) -> BodyFn:
+    """``body`` called on at most ``max_batch`` sequences at a time (the split service refuses larger batches)."""
+    if max_batch < 1:
+        raise ValueError(f"max_batch={max_batch}: expected an int >= 1")
+
+    def run(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        if hidden.shape[0] <= max_batch:
+            return body(hidden, attention_mask)
+        return torch.cat([body(h, m) for h, m in zip(hidden.split(max_batch), attention_mask.split(max_batch),
+                                                     strict=True)])
+
+    return run
+
+
 def train(msg: Message, cfg: RunConfig, context: Context) -> RecordDict:
     sf = cfg.sfprompt
     server_round = int(msg.content["config"]["server-round"])
@@ -124,13 +156,9 @@ def train(msg: Message, cfg: RunConfig, context: Context) -> RecordDict:
     batch_size = cfg.train.batch_size
 
     start = time.perf_counter()
-    ca_pem = str(split["ca-pem"]) if "ca-pem" in split else ""
-    with TimedSplitChannel(str(split["address"]), str(split["token"]), node_id=str(context.node_id),
-                           wire_dtype=str(split["wire-dtype"]), timeout_s=sf.call_timeout_s,
-                           max_message_bytes=sf.max_message_bytes, root_certificates=ca_pem.encode() or None
-                           ) as channel:
-        kept, scores = kept_examples(context, sf, parts, data.encoded, batch_size, pad_id, server_round,
-                                     channel.body)
+    with open_channel(split, sf, context) as channel:
+        body = service_body(channel, cfg, server_round, data.client_id, TRAINING)
+        kept, scores = kept_examples(context, sf, parts, data.encoded, batch_size, pad_id, server_round, body)
         run_seed = cfg.federation.seed
         local = ExampleStream(data.encoded, batch_size, pad_id,
                               seed=derive_seed(run_seed, "client-batches", server_round, data.client_id))
@@ -138,7 +166,7 @@ def train(msg: Message, cfg: RunConfig, context: Context) -> RecordDict:
                                     seed=derive_seed(run_seed, "client-kept-batches", server_round, data.client_id))
         local_steps = phase_steps(sf.local_epochs, data.num_examples, batch_size, sf.local_steps)
         split_steps = phase_steps(sf.split_epochs, len(kept), batch_size, sf.split_steps)
-        stats = train_prompts_and_tail(parts, local, local_steps, kept_stream, split_steps, channel.body, cfg)
+        stats = train_prompts_and_tail(parts, local, local_steps, kept_stream, split_steps, body, cfg)
     total_s = time.perf_counter() - start
     client_s = max(total_s - channel.wait_seconds, 0.0)
 
@@ -153,3 +181,26 @@ def train(msg: Message, cfg: RunConfig, context: Context) -> RecordDict:
         client_time_share=client_s / total_s if total_s > 0 else 1.0,
         kept_examples=len(kept), local_steps=local_steps, split_steps=split_steps,
         split_bytes_up=channel.bytes_up, split_bytes_down=channel.bytes_down, **el2n_means)
+
+
+# --------------------------------------------------------------------------------------------- evaluation
+def evaluate(msg: Message, cfg: RunConfig, context: Context) -> RecordDict:
+    """The global prompts + tail on this client's held-out examples: head -> the split service's body (a
+    forward-only token from the evaluate message) -> tail, forward only; the split-plane bytes in the reply."""
+    data = runtime.local_data(cfg, dict(context.node_config))
+    if not data.eval_encoded:
+        reply = runtime.evaluation_reply(cfg, data)
+        reply["metrics"].update({"split_bytes_up": 0, "split_bytes_down": 0})
+        return reply
+    sf = cfg.sfprompt
+    server_round = int(msg.content["config"]["server-round"])
+    split = msg.content["split"]
+    parts = split_parts(cfg, data.num_labels)
+    load_trainable_state(parts, record_to_arrays(msg.content["arrays"]))
+    with open_channel(split, sf, context) as channel:
+        body = in_batches(service_body(channel, cfg, server_round, data.client_id, EVALUATION),
+                          int(split["max-batch"]))
+        model = PromptedSplitModel(parts, body, max_positions=int(split["max-seq-len"]))
+        reply = runtime.evaluation_reply(cfg, data, model)
+    reply["metrics"].update({"split_bytes_up": channel.bytes_up, "split_bytes_down": channel.bytes_down})
+    return reply

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from pollinate.common.config import config_field, one_of, require
@@ -45,6 +46,10 @@ class SFPromptConfig:
     split_steps: int = config_field("Cap on split steps per round (0 = no cap)", default=0)
     wire_dtype: str = config_field(f"Activations and gradients on the split plane: {' | '.join(SPLIT_WIRE_DTYPES)}",
                             default="fp32")
+    activation_noise: float = config_field(
+        "σ of the Gaussian noise a client adds to every activation tensor it sends to the split service, as a "
+        "multiple of that tensor's RMS, so one value is one signal-to-noise ratio at any model and cut (0 = off; "
+        "heuristic protection of the inputs, no DP guarantee: docs/privacy.md)", default=0.0)
     host: str = config_field(
         "Interface the server's split service binds; left at 127.0.0.1 under `pollinate coordinator`, the "
         "coordinator's --host", default="127.0.0.1")
@@ -96,6 +101,8 @@ class SFPromptConfig:
         require(self.local_epochs > 0 or self.split_epochs > 0, "sfprompt.local_epochs", self.local_epochs,
                  "> 0 when sfprompt.split_epochs is 0 (otherwise nothing trains)")
         one_of("sfprompt.wire_dtype", self.wire_dtype, SPLIT_WIRE_DTYPES)
+        require(math.isfinite(self.activation_noise) and self.activation_noise >= 0, "sfprompt.activation_noise",
+                self.activation_noise, "a finite float >= 0 (0 = off)")
         require(bool(self.host), "sfprompt.host", self.host, "an interface address such as 127.0.0.1")
         require(0 <= self.port <= 65535, "sfprompt.port", self.port, "an int in [0, 65535]")
         require(not self.public_address or ":" in self.public_address, "sfprompt.public_address",

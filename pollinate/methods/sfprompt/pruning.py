@@ -6,7 +6,6 @@ Pure functions of the split model and the data; the client half decides when to 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -14,9 +13,9 @@ import torch
 
 from pollinate.common.data import collate
 from pollinate.methods.sfprompt.config import SFPromptConfig
-from pollinate.methods.sfprompt.split import SplitParts, TailOutput
+from pollinate.methods.sfprompt.split import BodyFn, SplitParts, TailOutput
 
-BodyFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+__all__ = ["BodyFn", "el2n", "el2n_per_example", "el2n_scores", "keep_top", "keep_top_per_class", "select_kept"]
 
 
 def el2n(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -6,23 +6,28 @@ their trained prompts + tail; the new global is the example-weighted mean (``fed
 global model is the base with the global prompts + tail: it is evaluated head -> body -> tail in process, and
 saved as ``sfprompt/sfprompt.safetensors`` with the split settings beside it.
 
+Client-side evaluation (``eval.client_fraction``): each node that trained gets the new global prompts + tail and a
+forward-only token (Forward without a graph only: no Backward, nothing held for one), revoked when the evaluation
+replies are in; the client runs its held-out examples head -> body -> tail through the service.
+
 Bytes per client are Flower's messages plus the split plane (``split_bytes_up/down``, counted as serialized
-protobuf by the client's channel); both are in ``bytes_up/down`` and shown apart in the report.
+protobuf by the client's channel); both are in ``bytes_up/down`` and shown apart in the report. The evaluation's
+split-plane bytes count in the round's ``bytes_eval_up/down`` (and ``split_bytes_eval_up/down``), not there.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import grpc
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from safetensors.numpy import save_file
-from torch import nn
 
 from pollinate.common.adapters import load_parameter_state, parameter_state
 from pollinate.common.config import RunConfig
@@ -31,65 +36,16 @@ from pollinate.common.report import RunRecorder
 from pollinate.common.wire import arrays_to_record, record_to_arrays
 from pollinate.methods.sfprompt.config import SFPromptConfig
 from pollinate.methods.sfprompt.service import SplitLimits, TokenRegistry, start_split_server
-from pollinate.methods.sfprompt.split import SplitParts, TailOutput, split_model
+from pollinate.methods.sfprompt.split import PromptedSplitModel, split_model
+from pollinate.server.client_eval import ClientEvaluation
 from pollinate.server.deployment import Deployment
 from pollinate.server.evaluation import ServerEvaluator
-from pollinate.server.replies import integer_in, reported_numbers
+from pollinate.server.replies import integer_in, reply_metrics, reported_numbers
 from pollinate.server.state_fedavg import StateFedAvg
 
 SPLIT_FIELDS = ("split_bytes_up", "split_bytes_down", "kept_examples", "client_time_share",
                 "client_compute_seconds", "split_wait_seconds", "local_steps", "split_steps", "local_loss",
                 "split_loss")
-
-
-class PromptedSplitModel(nn.Module):
-    """The global model as ``ServerEvaluator`` expects it: head -> body -> tail with HF-style calls.
-
-    ``forward(input_ids, attention_mask, labels)`` returns ``TailOutput(loss, logits)``; ``generate`` is
-    greedy decoding for causal LMs (what exact match needs), without a KV cache.
-    """
-
-    def __init__(self, parts: SplitParts) -> None:
-        super().__init__()
-        self.head, self.body, self.tail = parts.head, parts.body, parts.tail
-        self.num_prompt_tokens = parts.prompt.num_tokens if parts.prompt is not None else 0
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None) -> TailOutput:
-        out = self.head(input_ids, attention_mask)
-        return self.tail(self.body(out.hidden, out.attention_mask), out.attention_mask, labels)
-
-    @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
-                 pad_token_id: int, eos_token_id: int | None = None, **_: Any) -> torch.Tensor:
-        """Greedy continuation of left-padded prompts; returns ``[input_ids | new tokens]`` like HF.
-
-        The split model numbers positions 0..P+T-1 whatever the mask says, so each prompt is decoded
-        right-padded (causal attention never looks at the padding after a row's last token).
-        """
-        rows = [ids[mask.bool()] for ids, mask in zip(input_ids, attention_mask, strict=True)]
-        lengths = torch.tensor([len(r) for r in rows])
-        batch = len(rows)
-        buf = torch.full((batch, int(lengths.max()) + max_new_tokens), pad_token_id, dtype=input_ids.dtype)
-        mask = torch.zeros_like(buf)
-        for i, row in enumerate(rows):
-            buf[i, : len(row)], mask[i, : len(row)] = row, 1
-        done = torch.zeros(batch, dtype=torch.bool)
-        new_tokens = []
-        arange = torch.arange(batch)
-        for _ in range(max_new_tokens):
-            width = int(lengths.max())
-            logits = self(buf[:, :width], mask[:, :width]).logits
-            token = logits[arange, self.num_prompt_tokens + lengths - 1].argmax(-1)
-            token = torch.where(done, torch.full_like(token, pad_token_id), token)
-            buf[arange, lengths], mask[arange, lengths] = token, 1
-            lengths = lengths + 1
-            new_tokens.append(token)
-            if eos_token_id is not None:
-                done |= token == eos_token_id
-            if bool(done.all()):
-                break
-        return torch.cat([input_ids, torch.stack(new_tokens, dim=1)], dim=1)
 
 
 class SFPrompt(StateFedAvg):
@@ -115,6 +71,8 @@ class SFPrompt(StateFedAvg):
         self.shapes = {name: tuple(p.shape) for name, p in self.params.items()}
         self.model = PromptedSplitModel(self.parts)
         self.tokens = TokenRegistry()
+        self.eval_tokens: list[str] = []  # the forward-only tokens of the evaluation in progress
+        self.client_eval = SplitClientEvaluation(cfg, recorder, self.client_eval.metric)
         self.server: grpc.Server | None = None
         self.address = ""
         self.ca_pem = ""  # the split plane's CA, sent through Flower's authenticated channel
@@ -145,25 +103,50 @@ class SFPrompt(StateFedAvg):
         self.recorder.event("split_service", address=self.address, wire_dtype=sf.wire_dtype)
 
     def close(self) -> None:
+        self.revoke_eval_tokens()
         if self.server is not None:
             self.server.stop(grace=1.0).wait()
             self.server = None
 
-    def train_content(self, node_id: int, server_round: int, arrays: ArrayRecord,
-                      config: ConfigRecord) -> RecordDict | None:
+    def split_record(self, node_id: int, server_round: int, *, forward_only: bool = False) -> ConfigRecord:
+        """What a client needs to reach the split service: address, a token bound to ``node_id`` (the service
+        refuses it from a call naming another node id), wire dtype and CA."""
         if self.server is None:
             raise RuntimeError("the split service is not running: call prepare(grid) before round 1")
-        # Bound to the node: the service refuses it from a call naming another node id.
-        token = self.tokens.issue(str(node_id), server_round, ttl_s=self.cfg.sfprompt.token_ttl_s)
-        split = ConfigRecord({"address": self.address, "token": token,
-                              "wire-dtype": self.cfg.sfprompt.wire_dtype, "ca-pem": self.ca_pem})
-        return RecordDict({"arrays": arrays, "config": config, "split": split})
+        token = self.tokens.issue(str(node_id), server_round, ttl_s=self.cfg.sfprompt.token_ttl_s,
+                                  forward_only=forward_only)
+        return ConfigRecord({"address": self.address, "token": token,
+                             "wire-dtype": self.cfg.sfprompt.wire_dtype, "ca-pem": self.ca_pem})
+
+    def train_content(self, node_id: int, server_round: int, arrays: ArrayRecord,
+                      config: ConfigRecord) -> RecordDict | None:
+        return RecordDict({"arrays": arrays, "config": config, "split": self.split_record(node_id, server_round)})
 
     def evaluate_content(self, node_id: int, server_round: int, arrays: ArrayRecord) -> RecordDict | None:
-        return None  # no client-side evaluation: the client holds only the head and prompt, not the model
+        """The global prompts + tail, and a forward-only token with the service's request bounds (the client cuts
+        its evaluation batches and prompts to fit them)."""
+        content = super().evaluate_content(node_id, server_round, arrays)
+        split = self.split_record(node_id, server_round, forward_only=True)
+        self.eval_tokens.append(str(split["token"]))
+        limits = split_limits(self.cfg)
+        split["max-batch"] = limits.max_batch
+        split["max-seq-len"] = service_max_seq_len(limits, self.parts.architecture.config)
+        content["split"] = split
+        return content
 
     def replies_in(self, server_round: int) -> None:
         self.tokens.revoke_round(server_round)  # replies are in: this round's tokens are done
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        replies = list(replies)
+        self.revoke_eval_tokens()  # the evaluation replies are in: its tokens are done
+        return super().aggregate_evaluate(server_round, replies)
+
+    def revoke_eval_tokens(self) -> None:
+        """Invalidate the forward-only tokens of the evaluation in progress."""
+        for token in self.eval_tokens:
+            self.tokens.revoke(token)
+        self.eval_tokens = []
 
     # --- replies ------------------------------------------------------------------------------------------
     def client_record(self, client_id: int, content: RecordDict, bytes_up: int, bytes_down: int) -> dict[str, Any]:
@@ -223,6 +206,33 @@ def split_limits(cfg: RunConfig) -> SplitLimits:
                        max_sessions=sf.max_sessions, sessions_per_client=sf.sessions_per_client,
                        max_graph_bytes=sf.max_graph_bytes,
                        client_activation_budget_bytes=sf.client_activation_budget_bytes)
+
+
+def service_max_seq_len(limits: SplitLimits, model_config: Any) -> int:
+    """The positions the split service admits per sequence: ``limits.max_seq_len`` capped at the model's maximum
+    positions, as ``SplitBodyService`` caps it."""
+    positions = getattr(model_config, "max_position_embeddings", None)
+    return min(limits.max_seq_len, int(positions)) if positions else limits.max_seq_len
+
+
+class SplitClientEvaluation(ClientEvaluation):
+    """Client-side evaluation whose replies also report the split-plane bytes of the evaluation
+    (``split_bytes_up/down``): counted in the round's eval bytes, and apart as ``split_bytes_eval_up/down``."""
+
+    def reset(self) -> None:
+        super().reset()
+        self.split_up = self.split_down = 0
+
+    def plane_bytes(self, content: RecordDict) -> tuple[int, int]:
+        metrics = reply_metrics(content)
+        up, down = (integer_in(metrics.get(key), 0, 2**62, key) for key in ("split_bytes_up", "split_bytes_down"))
+        self.split_up, self.split_down = self.split_up + up, self.split_down + down
+        return up, down
+
+    def round_fields(self) -> dict[str, Any]:
+        split = {"split_bytes_eval_up": self.split_up, "split_bytes_eval_down": self.split_down}
+        fields = super().round_fields()  # resets
+        return {**fields, **split} if fields else {}
 
 
 def make_strategy(cfg: RunConfig, recorder: RunRecorder, run_dir: Path,

@@ -1,5 +1,5 @@
 """sfprompt: EL2N pruning, the client's two training phases, the eval wrapper, the server's token lifecycle,
-and (slow) end-to-end simulations whose reports carry the split-plane bytes."""
+and (slow) end-to-end simulations whose reports carry the split-plane bytes and the clients' evaluations."""
 
 import json
 import os
@@ -30,9 +30,9 @@ from pollinate.methods.sfprompt.pruning import (
     keep_top_per_class,
     select_kept,
 )
-from pollinate.methods.sfprompt.server import PromptedSplitModel, SFPrompt
+from pollinate.methods.sfprompt.server import SFPrompt
 from pollinate.methods.sfprompt.service import LocalBody
-from pollinate.methods.sfprompt.split import split_model, unsplit_forward
+from pollinate.methods.sfprompt.split import PromptedSplitModel, split_model, unsplit_forward
 from pollinate.methods.sfprompt.training import phase_steps, train_prompts_and_tail
 
 VOCAB, PROMPT = 128, 3
@@ -422,6 +422,10 @@ def check_split_report(report: dict, method_extra: str) -> None:
             assert 0 < c["client_time_share"] <= 1
         assert r["split_bytes_up"] == sum(c["split_bytes_up"] for c in r["clients"])
         assert r["bytes_up"] == sum(c["bytes_up"] for c in r["clients"])
+        # Every client also evaluated the new global through the split plane; those bytes are the round's eval bytes.
+        assert sorted(c["client_id"] for c in r["client_eval"]["clients"]) == [0, 1, 2]
+        assert 0 < r["split_bytes_eval_up"] < r["bytes_eval_up"]
+        assert 0 < r["split_bytes_eval_down"] < r["bytes_eval_down"]
     assert report["totals"]["bytes_up"] == sum(r["bytes_up"] for r in report["rounds"])
 
 

@@ -12,6 +12,7 @@ estimated activation memory against the node's budget and ``max_graph_bytes``.
 Status codes (the service keeps serving other clients after any of them):
 
 - UNAUTHENTICATED: token missing, unknown, revoked, expired, or issued to another node than the one named.
+- PERMISSION_DENIED: a forward-only (evaluation) token on a Forward with ``keep_graph`` or on a Backward.
 - INVALID_ARGUMENT: malformed request — empty/oversized session id; tensor dtype, shape or byte size
   inconsistent or not what the body expects; an empty batch; batch or sequence over the limits; NaN or Inf
   values; a step that could never fit the memory budgets.
@@ -127,15 +128,22 @@ class SplitBodyService(split_pb2_grpc.SplitBodyServicer):
         return self.sessions.sweep()
 
     # ---- checks that run before anything else
-    def _authenticate(self, token: str, node: str) -> str:
+    def _authenticate(self, token: str, node: str, *, trains: bool = False) -> str:
+        """The node the token was issued to; ``trains``: the call keeps or uses a graph, which a forward-only
+        (evaluation) token does not admit."""
         if not node:
             raise SplitRejected(grpc.StatusCode.UNAUTHENTICATED,
                                 f"the call names no node: send the node id the token was issued to as "
                                 f"metadata {NODE_ID_METADATA!r}")
         try:
-            return self.tokens.check(token, node).node
+            info = self.tokens.check(token, node)
         except TokenError as exc:
             raise SplitRejected(grpc.StatusCode.UNAUTHENTICATED, str(exc)) from None
+        if trains and info.forward_only:
+            raise SplitRejected(grpc.StatusCode.PERMISSION_DENIED,
+                                "this token is forward-only (evaluation): it admits Forward without keep_graph, "
+                                "no training steps")
+        return info.node
 
     @staticmethod
     def _check_session_id(session_id: str) -> None:
@@ -191,7 +199,7 @@ class SplitBodyService(split_pb2_grpc.SplitBodyServicer):
     def handle_forward(self, request: split_pb2.ForwardRequest, node: str,
                        is_active: Callable[[], bool] = lambda: True) -> split_pb2.ForwardReply:
         """Run the body for one step; keeps the graph until Backward when ``keep_graph`` is set."""
-        client_id = self._authenticate(request.token, node)
+        client_id = self._authenticate(request.token, node, trains=request.keep_graph)
         self._check_session_id(request.session_id)
         with self.sessions.one_call(client_id):  # first: a flood of one node is refused at the lowest cost
             batch, seq = self._admit_shapes(request)
@@ -225,7 +233,7 @@ class SplitBodyService(split_pb2_grpc.SplitBodyServicer):
 
     def handle_backward(self, request: split_pb2.BackwardRequest, node: str) -> split_pb2.BackwardReply:
         """Gradient at the body input for the pending step; frees its graph."""
-        client_id = self._authenticate(request.token, node)
+        client_id = self._authenticate(request.token, node, trains=True)
         self._check_session_id(request.session_id)
         with self.sessions.one_call(client_id):
             session = self.sessions.owned(request.session_id, client_id)

@@ -1,8 +1,9 @@
 """Short-lived per-round credentials for the split service, each bound to the Flower node it was issued to.
 
-The coordinator issues a token per node and round and sends it in that node's train message, which only the
-authenticated node receives (Flower's TLS and node authentication); every split-service call presents the token
-together with the node id, and a token presented under another node id is refused.
+The coordinator issues a token per node and round and sends it in that node's train message (or, forward-only, in
+its evaluate message), which only the authenticated node receives (Flower's TLS and node authentication); every
+split-service call presents the token together with the node id, and a token presented under another node id is
+refused. A forward-only token admits Forward calls without ``keep_graph`` alone: no Backward, no graph held.
 """
 
 from __future__ import annotations
@@ -22,11 +23,13 @@ class TokenError(Exception):
 
 @dataclass(frozen=True)
 class TokenInfo:
-    """The node a token was issued to, for which round, and until when (in the registry's clock)."""
+    """The node a token was issued to, for which round, until when (in the registry's clock), and whether it
+    admits forward-only calls alone (evaluation)."""
 
     node: str
     round: int
     expires_at: float
+    forward_only: bool = False
 
 
 class TokenRegistry:
@@ -50,8 +53,9 @@ class TokenRegistry:
     def _key(token: str) -> bytes:
         return hashlib.sha256(token.encode("utf-8")).digest()
 
-    def issue(self, node: str, round: int, ttl_s: float) -> str:
-        """A new token for ``node`` (its Flower node id, as text) in ``round``, valid for ``ttl_s`` seconds."""
+    def issue(self, node: str, round: int, ttl_s: float, *, forward_only: bool = False) -> str:
+        """A new token for ``node`` (its Flower node id, as text) in ``round``, valid for ``ttl_s`` seconds;
+        ``forward_only`` restricts it to Forward calls that keep no graph (evaluation)."""
         if ttl_s <= 0:
             raise ValueError(f"ttl_s={ttl_s}: a token needs a positive lifetime in seconds")
         if not node:
@@ -61,7 +65,7 @@ class TokenRegistry:
         with self._lock:
             # Expired entries are pruned here so the table stays the size of the live tokens.
             self._tokens = {k: v for k, v in self._tokens.items() if v.expires_at > now}
-            self._tokens[self._key(token)] = TokenInfo(node, int(round), now + ttl_s)
+            self._tokens[self._key(token)] = TokenInfo(node, int(round), now + ttl_s, bool(forward_only))
         return token
 
     def check(self, token: str, node: str) -> TokenInfo:
