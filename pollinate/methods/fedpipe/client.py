@@ -113,10 +113,10 @@ def planned_model(cfg: RunConfig, plan: dict[str, Any], num_labels: int, client_
     def build_base():
         if bits >= 32:
             return runtime.base_model(cfg, num_labels, tag="fedpipe-32")
-        from pollinate.common.quantize import prepare_quantized_model, quantization_config
+        from pollinate.common.quantize import load_quantized_base
 
-        return prepare_quantized_model(runtime.base_model(cfg, num_labels, quantization_config(bits, heads),
-                                                          tag=f"fedpipe-{bits}"))
+        path, task = runtime.model_task(cfg)
+        return load_quantized_base(path, task, num_labels, bits, heads, pooling=cfg.model.pooling)
 
     base = runtime.cached(("fedpipe-base", bits, num_labels), build_base)
     ranks = {name: int(r) for name, r in plan["ranks"].items()}

@@ -11,6 +11,9 @@ peaks and step time they reproduce.
   modules (bitsandbytes LLM.int8: 1 byte/weight + a 4-byte scale per output row; NF4 with double
   quantization: 0.5 + 1/64 + 4/16384 bytes/weight); embeddings, tied/untied output head, norms and
   biases stay fp32, as ``transformers`` loads them.
+  NF4 also needs its dequantization workspace: bitsandbytes dequantizes a layer's weight to bf16 for each
+  matmul (forward and backward), one layer at a time, so 2 bytes per weight of the largest quantized module
+  (twice that on a CPU without AVX512-BF16, which computes in fp32; LLM.int8 multiplies in int8, none).
   Adapter: ``adapter_state_bytes_per_param`` per LoRA parameter (fp32 weight, gradient and two Adam moments),
   and as much per parameter of the head a classifier trains in full (``ModelSpec.head_params``: peft keeps a
   trainable copy next to the frozen original, and bitsandbytes leaves the head unquantized).
@@ -19,6 +22,10 @@ peaks and step time they reproduce.
   three fp32 copies (logits, log-softmax, its gradient); the per-hidden bytes are what remains of the measured
   fp32 peak after base and adapter state. Activations are counted as if every module were adapted
   (conservative: a frozen, unadapted linear does not need its input saved).
+  Checked against ``memory_probe`` on SmolLM2-360M / 1.7B-shaped models (batch 1 x 64, LoRA r8 on all seven
+  projections): ``test_planner_costs_quantized.py`` pins those measurements and the model's distance from them.
+  On a CPU the quantized peaks run above the model (glibc keeps freed dequantization buffers), which profiles
+  must leave room for.
 - Compute per step, frozen base: forward 2N + input-gradient backward 2N FLOPs per token (no weight
   gradients for the base, so 4N, not the 6N of full training), 6 FLOPs per token per LoRA parameter,
   and attention 12 x layers x seq_len x hidden per token; the head's weight gradients 2 FLOPs per head
@@ -39,7 +46,7 @@ from pollinate.common.profiles import GIB, ResourceProfile, comm_seconds
 from pollinate.methods.fedpipe.planner.options import SUPPORTED_BITS, PlanOptions
 from pollinate.methods.fedpipe.planner.spec import ModelSpec
 
-__all__ = ["CostModel", "activation_bytes", "adapter_param_count", "base_weight_bytes"]
+__all__ = ["CostModel", "activation_bytes", "adapter_param_count", "base_weight_bytes", "dequant_workspace_bytes"]
 
 _NF4_BYTES_PER_WEIGHT = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4 bits + int8 absmax per 64 + fp32 per 256 absmax
 
@@ -56,6 +63,13 @@ def base_weight_bytes(spec: ModelSpec, bits: int) -> float:
     if bits == 4:
         return rest + _NF4_BYTES_PER_WEIGHT * spec.linear_params
     raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits!r}")
+
+
+def dequant_workspace_bytes(spec: ModelSpec, bits: int) -> float:
+    """Bytes of the one NF4 weight dequantized to bf16 at a time (the largest module's); 0 for other bits."""
+    if bits != 4:
+        return 0.0
+    return 2.0 * max(m.in_features * m.out_features for m in spec.modules)
 
 
 def activation_bytes(spec: ModelSpec, bits: int, batch_size: int, options: PlanOptions) -> float:
@@ -130,7 +144,8 @@ class CostModel:
         combos = tuple((b, s) for b in options.bits for s in sorted(options.batch_sizes, reverse=True))
         head = options.adapter_state_bytes_per_param * spec.head_params
         fixed_memory = np.array(
-            [base_weight_bytes(spec, b) + activation_bytes(spec, b, s, options) + head for b, s in combos]
+            [base_weight_bytes(spec, b) + dequant_workspace_bytes(spec, b) + activation_bytes(spec, b, s, options)
+             + head for b, s in combos]
         )
         flops = np.array([_step_flops(spec, s, options) for _, s in combos]) * options.local_steps
         time_factor = np.array([options.time_factor[b] for b, _ in combos])
