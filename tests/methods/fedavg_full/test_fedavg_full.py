@@ -19,14 +19,7 @@ from pollinate.common.wire import arrays_to_record, record_to_arrays
 from pollinate.methods.fedavg_full.server import FedAvgFull
 from pollinate.server.strategy import Reply
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models run much faster on one thread than on two contended ones (the CI box is shared)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_llama(seed: int) -> LlamaForCausalLM:

@@ -38,13 +38,7 @@ from pollinate.methods.sfprompt.training import phase_steps, train_prompts_and_t
 VOCAB, PROMPT = 128, 3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models run ~15x faster on one thread than on two contended ones (the CI box is shared)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_llama() -> LlamaForCausalLM:

@@ -14,13 +14,7 @@ from pollinate.methods.sfprompt.service import LocalBody
 from pollinate.methods.sfprompt.split import PromptedSplitModel, decode_tensor, split_model
 from pollinate.methods.sfprompt.training import train_prompts_and_tail
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class RecordingBody(LocalBody):
