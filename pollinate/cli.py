@@ -322,6 +322,9 @@ def _add_deploy_parsers(sub: argparse._SubParsersAction, fmt: type[argparse.Help
     join.add_argument("--work-dir", metavar="DIR", help="logs and Flower state (default ./pollinate-node-<id>)")
     join.add_argument("--retry-budget", type=float, default=300.0, metavar="SECONDS",
                       help="give up when the coordinator has not accepted this node for this long (default 300)")
+    join.add_argument("--no-worker", action="store_true",
+                      help="run each message in its own ClientApp process (reloading the model every round) "
+                           "instead of one long-lived worker")
 
     keys = sub.add_parser(
         "keys", help="create TLS certificates and client keys for deployment",
@@ -388,7 +391,7 @@ def cmd_join(args: argparse.Namespace) -> int:
 
     join_coordinator(args.coordinator, Path(args.data), certs=_path(args.certs), key=_path(args.key),
                      insecure=args.insecure, partition_id=args.partition_id, profile=_path(args.profile),
-                     work_dir=_path(args.work_dir), retry_budget_s=args.retry_budget)
+                     work_dir=_path(args.work_dir), retry_budget_s=args.retry_budget, worker=not args.no_worker)
     return 0
 
 

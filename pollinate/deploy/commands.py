@@ -70,11 +70,13 @@ def coordinate(
 def join_coordinator(
     coordinator: str, data: Path, *, certs: Path | None, key: Path | None, insecure: bool, partition_id: int | None,
     profile: Path | None, work_dir: Path | None, retry_budget_s: float, echo: TextIO | None = None,
+    worker: bool = True,
 ) -> None:
     """Join ``coordinator`` as a client training on ``data`` until the coordinator ends the run (says so and
     returns) or SIGINT/SIGTERM.
 
-    ``certs`` is the coordinator's ``ca.crt`` or a directory holding it (required unless ``insecure``).
+    ``certs`` is the coordinator's ``ca.crt`` or a directory holding it (required unless ``insecure``);
+    ``worker`` False runs every message in its own ClientApp process instead of the node's long-lived worker.
     """
     ca_cert = None
     if certs is not None:
@@ -91,6 +93,7 @@ def join_coordinator(
         coordinator=coordinator, insecure=insecure, ca_cert=ca_cert, private_key=key, data_path=data,
         profile_path=profile, partition_id=partition_id,
         work_dir=work_dir or Path(f"pollinate-node-{partition_id or 0}"), retry_budget_s=retry_budget_s,
+        worker=worker,
     )
     if (end := join(spec, echo or sys.stdout)) is not None:
         print(f"pollinate join: the run on {coordinator} has finished ({end.rounds} rounds); exiting", file=sys.stderr)

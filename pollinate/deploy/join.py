@@ -9,11 +9,16 @@ has been unreachable for the whole retry budget.
 End of the run: the coordinator's ServerApp tells every connected client once all rounds are done, and the
 ClientApp writes a marker in the work dir (`pollinate.common.run_end`); `join` sees it and returns. Only that
 explicit notice ends `join`: a coordinator that crashes or restarts sends none, so its clients rejoin.
+
+The worker: Flower's SuperNode runs each message in a new ClientApp process, so `join` also runs one long-lived
+worker process (deploy/worker.py) that the ClientApp hands train and evaluate messages to, and that keeps the
+model and data across rounds; `--no-worker` runs every message in its own process as Flower does.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import re
 import subprocess
 import sys
@@ -25,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
+from pollinate.client.worker_link import WORKER_SOCKET_KEY
 from pollinate.common.run_end import RUN_END_FILE_KEY, RunEnd, read_run_end
 from pollinate.deploy.app_trust import (
     APP_SIGNING_PUB_FILE,
@@ -39,9 +45,9 @@ from pollinate.deploy.processes import (
     child_env,
     flwr_executable,
     free_loopback_port,
-    stop_descendants,
     stop_on_signals,
 )
+from pollinate.deploy.worker import LocalWorker, start_worker, stop_strays
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +60,8 @@ _TLS_MARKERS = ("CERTIFICATE_VERIFY_FAILED", "SSL/TLS handshake error", "certifi
 # entities; 2 is argparse's usage error.
 _PERMANENT_EXIT_CODES = {2: "invalid arguments", 302: "invalid node private key",
                          303: "node authentication requires TLS", 304: "invalid trusted entities"}
+# The SuperNode's SuperExec looks for new ClientApp tasks every second by default: a second of every round.
+_TASK_POLL_ENV = {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.2"}
 
 
 def flower_error(output: str) -> str:
@@ -117,6 +125,9 @@ class JoinSpec:
     finish_grace_s : float, default 5
         Once the coordinator has said the run ended, how long the SuperNode may run on to deliver the
         acknowledgement before it is stopped.
+    worker : bool, default True
+        Run train and evaluate messages in one long-lived worker process that keeps the model and data across
+        rounds (deploy/worker.py); False runs each in its own ClientApp process.
     """
 
     coordinator: str
@@ -133,6 +144,7 @@ class JoinSpec:
     env: Mapping[str, str] | None = None
     app_signing_key: Path | None = None
     finish_grace_s: float = 5.0
+    worker: bool = True
 
     def __post_init__(self) -> None:
         match = _ADDRESS.match(self.coordinator)
@@ -206,10 +218,12 @@ def node_config_arg(config: Mapping[str, NodeConfigValue]) -> str:
     return " ".join(parts)
 
 
-def supernode_argv(spec: JoinSpec, runtime_port: int, max_wait_s: float, private_key: Path | None = None) -> list[str]:
+def supernode_argv(spec: JoinSpec, runtime_port: int, max_wait_s: float, private_key: Path | None = None,
+                   worker_socket: Path | None = None) -> list[str]:
     """The `flower-supernode` command line for `spec`, with its local Runtime API on `runtime_port`.
 
-    `private_key` replaces `spec.private_key` in the command (a decrypted copy of an encrypted key).
+    `private_key` replaces `spec.private_key` in the command (a decrypted copy of an encrypted key);
+    `worker_socket` tells the ClientApp where the node's worker listens.
     """
     argv = [flwr_executable("flower-supernode"), "--superlink", spec.coordinator]
     if spec.insecure:
@@ -224,7 +238,10 @@ def supernode_argv(spec: JoinSpec, runtime_port: int, max_wait_s: float, private
     # several nodes can share a machine.
     argv += ["--host", "127.0.0.1", "--port", str(runtime_port)]
     argv += ["--max-wait-time", f"{max(max_wait_s, 1.0):.0f}"]
-    if config := spec.full_node_config():
+    config = spec.full_node_config()
+    if worker_socket is not None:
+        config[WORKER_SOCKET_KEY] = str(worker_socket)
+    if config:
         argv += ["--node-config", node_config_arg(config)]
     return argv
 
@@ -252,6 +269,7 @@ class Node:
         self._connected = threading.Event()
         self._key_copy: Path | None = None  # decrypted key of the running SuperNode, removed once it is in
         self.run_end: RunEnd | None = None  # set once the coordinator has said the run is complete
+        self.worker: LocalWorker | None = None  # the long-lived worker, while `run` runs
 
     def check(self) -> None:
         """Fail early on unreadable/invalid CA certificate, node key or data/profile paths."""
@@ -317,55 +335,70 @@ class Node:
             write_trusted_entities(self.spec.app_signing_key, self.spec.trusted_entities_path)
         home = self.spec.work_dir / "flwr_home"
         home.mkdir(parents=True, exist_ok=True)
-        env = child_env({**(self.spec.env or {}), "FLWR_HOME": str(home)})
-        log_path = self.spec.work_dir / "logs" / "supernode.log"
+        poll = {key: value for key, value in _TASK_POLL_ENV.items() if key not in os.environ}
+        env = child_env({**poll, **(self.spec.env or {}), "FLWR_HOME": str(home)})
         self._last_connected = time.monotonic()
         self.spec.run_end_path.unlink(missing_ok=True)  # a previous join's run, not this one
-        backoff = 1.0
         with stop_on_signals(self._stop):
-            while not self._stop.is_set():
-                remaining = self.spec.retry_budget_s - (time.monotonic() - self._last_connected)
-                connections_before = self.connections
-                with self._readable_key() as key:
-                    argv = supernode_argv(self.spec, free_loopback_port(), remaining, key)
-                    self.child = ChildProcess(
-                        "supernode", argv, env, log_path, echo=self.echo, on_line=self._on_line
-                    )
-                    code = self._wait_child()
-                self._stop_orphans()
-                if code is None or self.run_end is not None:  # stop requested, or the run is over
-                    return self.run_end
-                output = self.child.tail(40)
-                reason = flower_error(output) or _ANSI.sub("", self.child.tail(8))
-                if any(marker in output for marker in _TLS_MARKERS):
-                    raise JoinError(
-                        f"TLS verification of the coordinator at {self.spec.coordinator} failed: its "
-                        f"certificate is not signed by the CA in {self.spec.ca_cert}, or does not name "
-                        f"this host. Get the coordinator's ca.crt. Flower: {reason} (log: {log_path})"
-                    )
-                if code in _PERMANENT_EXIT_CODES:
-                    raise JoinError(
-                        f"flower-supernode exited with code {code} ({_PERMANENT_EXIT_CODES[code]}): "
-                        f"{reason} (log: {log_path})"
-                    )
-                if self.connections > connections_before:
-                    # It was in until just now (a restarted coordinator rejects its old node id):
-                    # rejoin promptly and measure the budget from here.
-                    backoff = 1.0
-                    self._last_connected = time.monotonic()
-                unreachable_for = time.monotonic() - self._last_connected
-                if unreachable_for + backoff > self.spec.retry_budget_s:
-                    raise CoordinatorUnreachableError(
-                        f"coordinator at {self.spec.coordinator} did not accept this node for "
-                        f"{unreachable_for:.0f} s (retry budget {self.spec.retry_budget_s:.0f} s). Is it "
-                        f"running, is the address right and is this node's public key registered there? "
-                        f"{_MISSED_END if self.connections else ''}Last error: {reason} (log: {log_path})"
-                    )
-                log.warning("SuperNode exited with code %s (%s); rejoining %s in %.0f s",
-                            code, reason, self.spec.coordinator, backoff)
-                if self._stop.wait(backoff):
-                    return None
-                backoff = min(backoff * 2, self.spec.max_backoff_s)
+            # Before the first SuperNode: it imports the libraries while the SuperNode connects.
+            self.worker = start_worker(self.spec.work_dir, env, self.echo) if self.spec.worker else None
+            try:
+                return self._supervise(env, self.spec.work_dir / "logs" / "supernode.log")
+            finally:
+                self._stop_worker()
+
+    def _stop_worker(self) -> None:
+        if self.worker is not None:
+            self.worker.stop()
+            self.worker = None
+
+    def _supervise(self, env: Mapping[str, str], log_path: Path) -> RunEnd | None:
+        """Start SuperNodes until the run ends (returns how), `stop()` (None) or the retry budget runs out."""
+        backoff = 1.0
+        while not self._stop.is_set():
+            remaining = self.spec.retry_budget_s - (time.monotonic() - self._last_connected)
+            connections_before = self.connections
+            worker_socket = self.worker.socket_path if self.worker is not None else None
+            with self._readable_key() as key:
+                argv = supernode_argv(self.spec, free_loopback_port(), remaining, key, worker_socket)
+                self.child = ChildProcess(
+                    "supernode", argv, env, log_path, echo=self.echo, on_line=self._on_line
+                )
+                code = self._wait_child()
+            self._stop_orphans()
+            if code is None or self.run_end is not None:  # stop requested, or the run is over
+                return self.run_end
+            output = self.child.tail(40)
+            reason = flower_error(output) or _ANSI.sub("", self.child.tail(8))
+            if any(marker in output for marker in _TLS_MARKERS):
+                raise JoinError(
+                    f"TLS verification of the coordinator at {self.spec.coordinator} failed: its "
+                    f"certificate is not signed by the CA in {self.spec.ca_cert}, or does not name "
+                    f"this host. Get the coordinator's ca.crt. Flower: {reason} (log: {log_path})"
+                )
+            if code in _PERMANENT_EXIT_CODES:
+                raise JoinError(
+                    f"flower-supernode exited with code {code} ({_PERMANENT_EXIT_CODES[code]}): "
+                    f"{reason} (log: {log_path})"
+                )
+            if self.connections > connections_before:
+                # It was in until just now (a restarted coordinator rejects its old node id):
+                # rejoin promptly and measure the budget from here.
+                backoff = 1.0
+                self._last_connected = time.monotonic()
+            unreachable_for = time.monotonic() - self._last_connected
+            if unreachable_for + backoff > self.spec.retry_budget_s:
+                raise CoordinatorUnreachableError(
+                    f"coordinator at {self.spec.coordinator} did not accept this node for "
+                    f"{unreachable_for:.0f} s (retry budget {self.spec.retry_budget_s:.0f} s). Is it "
+                    f"running, is the address right and is this node's public key registered there? "
+                    f"{_MISSED_END if self.connections else ''}Last error: {reason} (log: {log_path})"
+                )
+            log.warning("SuperNode exited with code %s (%s); rejoining %s in %.0f s",
+                        code, reason, self.spec.coordinator, backoff)
+            if self._stop.wait(backoff):
+                return None
+            backoff = min(backoff * 2, self.spec.max_backoff_s)
 
     def _wait_child(self) -> int | None:
         """The SuperNode's exit code; None once it was stopped (stop requested, or the run ended and the grace
@@ -379,6 +412,8 @@ class Node:
                                        and time.monotonic() - ended_at >= self.spec.finish_grace_s):
                 self.child.stop()
                 return None
+            if self.worker is not None:
+                self.worker.ensure_running()
             try:
                 code = self.child.wait(timeout=0.2)
             except subprocess.TimeoutExpired:
@@ -387,7 +422,7 @@ class Node:
             return code
 
     def _stop_orphans(self) -> None:
-        if self.owns_process and (count := stop_descendants()):
+        if self.owns_process and (count := stop_strays(self.worker)):
             log.warning("stopped %d process(es) left behind by the previous SuperNode", count)
 
     def __enter__(self) -> Node:
@@ -397,6 +432,7 @@ class Node:
         self.stop()
         if self.child is not None:
             self.child.stop()
+        self._stop_worker()
         self._stop_orphans()
 
 
