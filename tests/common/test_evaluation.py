@@ -8,6 +8,7 @@ import random
 import pytest
 import torch
 
+from pollinate.client.runtime import LocalData, evaluation_reply
 from pollinate.common.config_io import build_config
 from pollinate.common.data import encode_classification, encode_generation, generate_skills
 from pollinate.common.evaluation import (
@@ -27,6 +28,13 @@ def tiny_bert():
     path = resolve_model("tiny-bert").path
     torch.manual_seed(0)
     return load_model(path, "classification", num_labels=3, pooling="cls").eval(), load_tokenizer(path)
+
+
+@pytest.fixture(scope="module")
+def tiny_llama():
+    path = resolve_model("tiny-llama").path
+    torch.manual_seed(0)
+    return load_model(path, "generation").eval(), load_tokenizer(path)
 
 
 @pytest.fixture(scope="module")
@@ -82,11 +90,8 @@ def test_server_evaluator_reports_the_two_pass_numbers(tiny_bert, classification
     assert result["eval_metrics"] == {"accuracy": ref_accuracy}
 
 
-def test_generation_loss_is_per_target_token_and_exact_match_is_per_group():
-    path = resolve_model("tiny-llama").path
-    tokenizer = load_tokenizer(path)
-    torch.manual_seed(0)
-    model = load_model(path, "generation").eval()
+def test_generation_loss_is_per_target_token_and_exact_match_is_per_group(tiny_llama):
+    model, tokenizer = tiny_llama
     rows = generate_skills(5, seed=1)
     encoded = [encode_generation(r, tokenizer, 64) for r in rows]
     result = evaluate_model(model, EvalExamples("generation", rows, encoded, "skill"), tokenizer, 2, 2)
@@ -96,14 +101,11 @@ def test_generation_loss_is_per_target_token_and_exact_match_is_per_group():
     assert exact_match(rows, answers) == {"exact_match": 0.4}
 
 
-def test_examples_whose_answer_was_cut_off_count_for_nothing_in_the_generation_loss():
+def test_examples_whose_answer_was_cut_off_count_for_nothing_in_the_generation_loss(tiny_llama):
     """An example truncated before its answer has no target token: its batch's loss is 0/0 and must not turn the
     mean into NaN (a legitimate client's evaluation reply was rejected for it); with no target token at all the
     loss is NaN and a client reports that it evaluated nothing."""
-    path = resolve_model("tiny-llama").path
-    tokenizer = load_tokenizer(path)
-    torch.manual_seed(0)
-    model = load_model(path, "generation").eval()
+    model, tokenizer = tiny_llama
     rows = generate_skills(3, seed=1)
     encoded = [encode_generation(r, tokenizer, 64) for r in rows]
     cut = {**encoded[0], "labels": [-100] * len(encoded[0]["labels"])}
@@ -111,6 +113,10 @@ def test_examples_whose_answer_was_cut_off_count_for_nothing_in_the_generation_l
     assert generation_loss(model, [cut, *encoded[1:]], pad, 1) == pytest.approx(
         generation_loss(model, encoded[1:], pad, 1), rel=1e-6)
     assert math.isnan(generation_loss(model, [cut], pad, 1))
+    cfg = build_config(None, ["model.name=tiny-llama"])
+    data = LocalData(client_id=3, encoded=encoded[1:], num_labels=0, task_type="generation", eval_rows=rows[:1],
+                     eval_encoded=[cut])
+    assert dict(evaluation_reply(cfg, data, model)["metrics"]) == {"num-examples": 0, "client_id": 3}
 
 
 def test_held_out_rows_are_a_reproducible_capped_share_and_never_all():
