@@ -22,7 +22,8 @@ from pollinate.deploy.coordinator import (
     write_app_dir,
 )
 from pollinate.deploy.identity import NodeIdentities
-from pollinate.deploy.join import CoordinatorUnreachableError, JoinError, JoinSpec, Node, node_config_arg
+from pollinate.deploy.join import CoordinatorUnreachableError, JoinError, JoinSpec, Node
+from pollinate.deploy.join_spec import node_config_arg
 from pollinate.deploy.keyfiles import PASSPHRASE_ENV
 from pollinate.deploy.keys import create_node_key, init_certs
 from pollinate.deploy.processes import free_loopback_port
