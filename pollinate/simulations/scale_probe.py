@@ -6,7 +6,9 @@ built-in task, ``--sampled`` clients trained per round out of N registered (``fe
 sampled / N), ``--examples-per-client`` examples each, client-side evaluation off. ``--from-runs`` only reads
 finished runs. Per N it prints one JSON line and a Markdown row:
 
-- the round's wall seconds (median and mean over the rounds after the first, which pays for the workers' start);
+- the round's wall seconds (median, mean and max over the rounds after the first, which pays for the workers'
+  start), the same without the server's evaluation (which does not depend on N), and the median ``train_seconds``
+  (messages out to the last reply in);
 - the driver's resident memory (``server_rss_bytes``: the simulation driver runs the ServerApp) at the second and
   last round, and its least-squares slope in bytes per round over rounds 2..R (flat = a few KiB per round);
 
@@ -58,21 +60,28 @@ def summarize(registered: int, rounds: list[dict[str, Any]]) -> dict[str, Any]:
         raise ValueError(f"{registered} registered clients: need at least 3 rounds to summarize, got {len(rounds)}")
     later = rounds[1:]
     seconds = [r["seconds"] for r in later]
+    without_eval = [r["seconds"] - (r["timing"].get("eval_seconds") or 0.0) for r in later]
     rss = np.array([r["server_rss_bytes"] for r in later], dtype=float)
     slope = float(np.polyfit([r["round"] for r in later], rss, 1)[0])
     return {"registered": registered, "trained_per_round": round(mean(r["trained"] for r in later), 1),
             "rounds": len(rounds), "round_seconds_median": round(median(seconds), 3),
             "round_seconds_mean": round(mean(seconds), 3), "round_seconds_max": round(max(seconds), 3),
+            "round_seconds_without_eval_median": round(median(without_eval), 3),
+            "round_seconds_without_eval_max": round(max(without_eval), 3),
+            "train_seconds_median": round(median(r["timing"]["train_seconds"] for r in later), 3),
             "driver_rss_mib_round2": round(rss[0] / MIB, 1), "driver_rss_mib_last": round(rss[-1] / MIB, 1),
             "driver_rss_slope_kib_per_round": round(slope / 1024, 1)}
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
     """The summary rows as a Markdown table."""
-    lines = ["| registered | round s (median / mean / max) | driver RSS MiB (round 2 → last) | RSS slope KiB/round |",
-             "|---:|---|---|---:|"]
+    lines = ["| registered | round s (median / mean / max) | without server eval (median / max) | train s (median) "
+             "| driver RSS MiB (round 2 → last) | RSS slope KiB/round |",
+             "|---:|---|---|---:|---|---:|"]
     lines += [f"| {r['registered']} | {r['round_seconds_median']:.2f} / {r['round_seconds_mean']:.2f} / "
-              f"{r['round_seconds_max']:.2f} | {r['driver_rss_mib_round2']:.0f} → {r['driver_rss_mib_last']:.0f} | "
+              f"{r['round_seconds_max']:.2f} | {r['round_seconds_without_eval_median']:.2f} / "
+              f"{r['round_seconds_without_eval_max']:.2f} | {r['train_seconds_median']:.2f} | "
+              f"{r['driver_rss_mib_round2']:.0f} → {r['driver_rss_mib_last']:.0f} | "
               f"{r['driver_rss_slope_kib_per_round']:.1f} |" for r in rows]
     return "\n".join(lines)
 

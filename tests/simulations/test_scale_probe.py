@@ -16,7 +16,9 @@ def _write_run(run_dir: Path, rss: list[int], seconds: list[float], trained: int
     lines = []
     for number, (memory, wall) in enumerate(zip(rss, seconds, strict=True), start=1):
         lines += [json.dumps({"type": "client", "round": number, "client_id": c}) for c in range(trained)]
-        lines.append(json.dumps({"type": "round", "round": number, "seconds": wall, "server_rss_bytes": memory}))
+        timing = {"train_seconds": wall / 2, "eval_seconds": 0.25}
+        lines.append(json.dumps({"type": "round", "round": number, "seconds": wall, "server_rss_bytes": memory,
+                                 "timing": timing}))
     (run_dir / "metrics.jsonl").write_text("\n".join(lines) + "\n")
 
 
@@ -37,6 +39,8 @@ def test_summary_skips_the_first_round_and_measures_the_memory_slope(tmp_path):
     assert row["round_seconds_median"] == pytest.approx(1.1)
     assert row["round_seconds_max"] == pytest.approx(3.0)  # round 1's 9.0 s (workers' start) is left out
     assert row["driver_rss_slope_kib_per_round"] == pytest.approx(2.0)
+    assert row["round_seconds_without_eval_median"] == pytest.approx(0.85)
+    assert row["train_seconds_median"] == pytest.approx(0.55)
     assert row["driver_rss_mib_round2"] == pytest.approx(500.0, abs=0.1)
     assert row["trained_per_round"] == 10
     assert "| 1000 |" in scale_probe.markdown([row])
