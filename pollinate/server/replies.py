@@ -38,8 +38,9 @@ class Reply:
         The reply as received.
     update : Any
         What the method's ``decode_reply`` made of it (e.g. the checked state).
-    norm : float
-        L2 norm of the update in the method's update space (``update_norm``), finite.
+    norm : float or None
+        L2 norm of the update in the method's update space (``update_norm``), finite; None under secure
+        aggregation, where the server never sees one client's update (norm bounds are refused there).
     record : dict
         Its per-client report fields.
     """
@@ -49,7 +50,7 @@ class Reply:
     num_examples: int
     content: RecordDict
     update: Any
-    norm: float
+    norm: float | None
     record: dict[str, Any] = field(default_factory=dict)
 
     @property
