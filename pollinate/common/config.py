@@ -278,6 +278,10 @@ class EvalConfig:
                                             default=50)
     every: int = config_field("Evaluate the global model on the server every this many rounds (and always after "
                               "the last); other rounds record eval_loss null", server_only=True, default=1)
+    overlap: bool = config_field(
+        "Evaluate each round's global model on the server in a background thread while the next round trains (the "
+        "last round is evaluated at once); a round's record is written once its evaluation is in, and each round's "
+        "timing.eval_wait_seconds is how long it waited for the previous round's", server_only=True, default=False)
 
     def __post_init__(self) -> None:
         require(self.batch_size >= 1, "eval.batch_size", self.batch_size, "an int >= 1")

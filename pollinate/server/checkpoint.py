@@ -33,6 +33,8 @@ OPTIMIZER_FILE = "server_optimizer.safetensors"
 STATE_VERSION = 1
 # Output settings say where results go, not what they are: a resumed copy of a run may live elsewhere.
 _NOT_HASHED = ("output",)
+# Settings that change when results appear, never what they are (a run may resume with them changed).
+_NOT_HASHED_KEYS = (("eval", "overlap"),)
 
 
 class ResumeError(ConfigError):
@@ -99,8 +101,12 @@ def load_optimizer_state(run_dir: Path, server_round: int) -> dict[str, np.ndarr
 
 # --- what state.json holds ---------------------------------------------------------------------------------
 def hashed_config(cfg: RunConfig) -> dict[str, Any]:
-    """The part of the config that determines the run's results (everything but ``[output]``)."""
-    return {k: v for k, v in cfg.to_dict().items() if k not in _NOT_HASHED}
+    """The part of the config that determines the run's results (everything but ``[output]`` and
+    ``eval.overlap``)."""
+    hashed = {k: v for k, v in cfg.to_dict().items() if k not in _NOT_HASHED}
+    for section, key in _NOT_HASHED_KEYS:
+        hashed[section] = {k: v for k, v in hashed[section].items() if k != key}
+    return hashed
 
 
 def config_hash(cfg: RunConfig) -> str:

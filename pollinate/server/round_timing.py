@@ -13,6 +13,11 @@ strategy marks the hooks' edges, so the phases are:
 - ``checkpoint_seconds``: writing the round's checkpoint;
 - ``other_seconds``: the rest of the round's wall time (sampling and building the messages, checking the
   client-side evaluation replies, recording the round).
+
+With ``eval.overlap`` (``server.eval_overlap``) every round's evaluation except the last's runs while the next round
+trains: its ``eval_seconds`` is that evaluation's own duration, outside the round's ``seconds`` (the other
+phases still add up to it), and every round has ``eval_wait_seconds``: the time its ``end_round`` waited for
+the previous round's evaluation to finish (0 when it already had), part of its ``seconds``.
 """
 
 from __future__ import annotations
@@ -51,8 +56,8 @@ class RoundTiming:
     def close(self, phase: str) -> None:
         """``phase`` ends now; nothing is counted when it was never opened (a hook called on its own)."""
         opened = self._opened.pop(phase, None)
-        if opened is not None:
-            self.spans[phase] += self.clock() - opened
+        if opened is not None:  # a phase beyond PHASES (eval_wait) appears once measured
+            self.spans[phase] = self.spans.get(phase, 0.0) + self.clock() - opened
 
     @contextmanager
     def measure(self, phase: str) -> Iterator[None]:
@@ -68,7 +73,7 @@ class RoundTiming:
         checkpoint is written (what the checkpoint keeps of the round), ``checkpointed`` is False:
         checkpoint_seconds is None and other_seconds covers what ran until then."""
         wall = self.clock() - self.started
-        timing: dict[str, float | None] = {f"{phase}_seconds": round(self.spans[phase], 3) for phase in PHASES}
+        timing: dict[str, float | None] = {f"{phase}_seconds": round(span, 3) for phase, span in self.spans.items()}
         if not checkpointed:
             timing["checkpoint_seconds"] = None
         timing["other_seconds"] = round(max(0.0, wall - sum(self.spans.values())), 3)

@@ -12,6 +12,7 @@
   (``evaluate_content``, ``server.client_eval``); then (Flower calls ``evaluate_fn``) the server evaluates it
   (every ``eval.every`` rounds and the last; other rounds: ``eval_loss`` None), the round is checkpointed (report
   history and RNG states: a run resumes) and recorded with both and its ``timing`` (``server.round_timing``);
+  with ``eval.overlap`` that evaluation runs while the next round trains (``server.eval_overlap``);
 - a node that does not reply within the round timeout is dropped from that round and named in the report.
 A resumed run sets ``round_offset``: Flower counts its rounds from 1, and the Flower-facing hooks translate that
 once (``in_run_rounds``), so every method hook sees the run's true round number.
@@ -53,6 +54,7 @@ from pollinate.server import robust
 from pollinate.server.checkpoint import round_state, save_round
 from pollinate.server.client_eval import ClientEvaluation
 from pollinate.server.deployment import Deployment
+from pollinate.server.eval_overlap import OverlappedEvaluation
 from pollinate.server.identity import NodeIdentity
 from pollinate.server.replies import (
     Reply,
@@ -123,6 +125,7 @@ class PollinateStrategy(Strategy):
         self.server_optimizer = server_optimizer_for(cfg.federation)  # None (fedavg): the aggregate is the global
         self.round_offset = 0  # rounds completed before this process started (resume)
         self.timing = RoundTiming()
+        self.overlap = OverlappedEvaluation(cfg.eval.overlap, cfg.federation.rounds)
         self._down: dict[int, int] = {}
         self._clients: list[dict[str, Any]] = []
         self._train_loss: float | None = None
@@ -305,17 +308,23 @@ class PollinateStrategy(Strategy):
     def end_round(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         """Flower's ``evaluate_fn``: evaluate (every ``eval.every`` rounds and after the last), checkpoint (the
         round as it stands before, checkpoint_seconds None) and record the round. Flower's round 0 (before its
-        first round) is the run's initial evaluation, or nothing when resumed (it is in the restored history)."""
+        first round) is the run's initial evaluation, or nothing when resumed (it is in the restored history; a
+        round checkpointed with its evaluation pending, ``eval.overlap``, is evaluated and recorded then)."""
         if server_round == self.round_offset:
             if self.round_offset:
+                self.overlap.finish_restored(self.recorder, self.evaluate_global, arrays, self.timing.clock)
                 return None
             evaluation = self.evaluate_global(arrays)
             self.recorder.initial(evaluation)
             return MetricRecord({"eval_loss": evaluation["eval_loss"]})
-        evaluation: dict[str, Any] = {"eval_loss": None, "eval_metrics": {}}  # a round eval.every skips
+        self.overlap.record_previous(self.recorder, self.timing)  # eval.overlap: the previous round first
+        evaluation: dict[str, Any] = {"eval_loss": None, "eval_metrics": {}}  # a round eval.every skips (or pending)
         if server_round % self.cfg.eval.every == 0 or server_round >= self.cfg.federation.rounds:
-            with self.timing.measure("eval"):
-                evaluation = self.evaluate_global(arrays)
+            if self.overlap.overlaps(server_round):
+                self.overlap.start(server_round, self.evaluate_global, arrays, self.timing.clock)
+            else:
+                with self.timing.measure("eval"):
+                    evaluation = self.evaluate_global(arrays)
         timed = [c for c in self._clients if "met_deadline" in c]
         record = {
             "round": server_round, "train_loss": self._train_loss, **evaluation,
@@ -329,10 +338,13 @@ class PollinateStrategy(Strategy):
             "clients": sorted(self._clients, key=_client_order),
         }
         with self.timing.measure("checkpoint"):
-            state = round_state(server_round, self.cfg, self.recorder.history(pending=record))
+            history = self.recorder.history(pending=self.overlap.checkpointed(record))
+            state = round_state(server_round, self.cfg, history)
             save_round(self.run_dir, server_round, record_to_arrays(arrays), state,
                        None if self.server_optimizer is None else self.server_optimizer.state())
         record.update(self.timing.round_fields())
+        if self.overlap.hold(record):  # recorded once its evaluation is in
+            return None
         self.recorder.round_done(record)
         return None if evaluation["eval_loss"] is None else MetricRecord({"eval_loss": evaluation["eval_loss"]})
 
