@@ -226,6 +226,14 @@ def head_modules_for(cfg: RunConfig) -> list[str]:
     return head_module_names(task, resolve_pooling(cfg.model.pooling, path))
 
 
+def training_batches(cfg: RunConfig, data: LocalData, server_round: int,
+                     batch_size: int | None = None) -> ExampleStream:
+    """The batches of this client's round (default ``train.batch_size``), each padded to its longest example:
+    seeded per (run seed, round, client), so a second stream draws the same batches as ``local_training``."""
+    return ExampleStream(data.encoded, batch_size or cfg.train.batch_size, tokenizer_for(cfg).pad_token_id,
+                         seed=derive_seed(cfg.federation.seed, "client-batches", server_round, data.client_id))
+
+
 def local_training(cfg: RunConfig, data: LocalData, model: torch.nn.Module, server_round: int,
                    batch_size: int | None = None, steps: int | None = None) -> dict[str, float]:
     """This client's round of local steps (default ``train.local_steps``/``batch_size``): seeded, so the same
@@ -233,8 +241,7 @@ def local_training(cfg: RunConfig, data: LocalData, model: torch.nn.Module, serv
     client app applies the server's ``lr-scale``); ``grad_accumulation``, ``precision`` and
     ``gradient_checkpointing`` shape each step."""
     seed_everything(cfg, server_round, data.client_id)
-    batches = ExampleStream(data.encoded, batch_size or cfg.train.batch_size, tokenizer_for(cfg).pad_token_id,
-                            seed=derive_seed(cfg.federation.seed, "client-batches", server_round, data.client_id))
+    batches = training_batches(cfg, data, server_round, batch_size)
     train = cfg.train
     use_gradient_checkpointing(model, train.gradient_checkpointing)
     return train_steps(model, batches, steps or train.local_steps, train.lr, train.weight_decay, train.max_grad_norm,

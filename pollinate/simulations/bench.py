@@ -68,11 +68,49 @@ def summarize(report: dict[str, Any], baseline_final_loss: float, name: str | No
         # What the devices computed, summed over clients and rounds (split methods: without the server's body).
         "client_compute_seconds": sum(c.get("client_compute_seconds", c.get("train_seconds", 0.0)) for c in clients),
         "under_training_rate": _mean(under),
+        "compute_estimate": compute_estimate(rounds),
         "train_rows": train_rows(report),
         "client_eval_mean": client_mean, "client_eval_worst": client_worst,
         "metric_per_round": [headline_metric(r["eval_metrics"])[1] for r in rounds],
         "eval_loss_per_round": [r["eval_loss"] for r in rounds],
     }
+
+
+def compute_estimate(rounds: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Measured over planned compute per client round (methods that plan it, e.g. FedPipe): how many client rounds,
+    the share within 15% of the estimate (all rounds, and from round 2 on, once round 1 has corrected the plans),
+    the worst relative gap and the mean ratio; None without estimates."""
+    ratios = [(r["round"], c["compute_seconds"] / c["estimated_compute_seconds"]) for r in rounds for c in r["clients"]
+              if c.get("estimated_compute_seconds") and c.get("compute_seconds") is not None]
+    if not ratios:
+        return None
+    later = [ratio for rnd, ratio in ratios if rnd >= 2]
+    return {"client_rounds": len(ratios), "within_15": _within(ratio for _, ratio in ratios),
+            "within_15_from_round_2": _within(later) if later else None,
+            "worst_gap": max(abs(ratio - 1) for _, ratio in ratios),
+            "mean_ratio": sum(ratio for _, ratio in ratios) / len(ratios)}
+
+
+def _within(ratios: Any) -> float:
+    ratios = list(ratios)
+    return sum(abs(ratio - 1) <= 0.15 for ratio in ratios) / len(ratios)
+
+
+def estimate_table(rows: list[dict[str, Any]]) -> list[str]:
+    """Measured vs planned client compute of the runs whose method plans it (nothing when none does)."""
+    planned = [row for row in rows if row.get("compute_estimate")]
+    if not planned:
+        return []
+    lines = ["Client compute, measured vs the plan's estimate (per client round; from round 2: once round 1's "
+             "measurements have corrected the plans):", "",
+             "| method | client rounds | within 15% | from round 2 | worst gap | mean measured ÷ estimated |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for row in planned:
+        e = row["compute_estimate"]
+        later = _num(e["within_15_from_round_2"], ".2f") or "-"
+        lines.append(f"| {row['method']} | {e['client_rounds']} | {e['within_15']:.2f} | {later} | "
+                     f"{e['worst_gap']:.2f} | {e['mean_ratio']:.2f} |")
+    return ["", *lines]
 
 
 def train_rows(report: dict[str, Any]) -> int | None:
@@ -138,7 +176,7 @@ def write_bench(out: Path, rows: list[dict[str, Any]], reports: dict[str, dict],
              *[f"Only for `{m}`: " + ", ".join(f"`{o}`" for o in overrides) + "."
                for m, overrides in (per_method or {}).items()],
              *(reference_note(baseline["method"], references) if references else []),
-             "", *cost_table(rows, compute_baseline)]
+             "", *cost_table(rows, compute_baseline), *estimate_table(rows)]
     if memory:
         lines += ["", "Client peak training memory by base precision (fresh process each; MiB above the process "
                   "after imports):", "", "| bits | peak MiB | × fp32 |", "|---:|---:|---:|"]

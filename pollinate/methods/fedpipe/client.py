@@ -1,7 +1,8 @@
 """fedpipe, client half (Fang et al. 2024, "Automated Federated Pipeline for PEFT of LLMs").
 
 prepare (round 0): report this client's resource profile and importance scores of every candidate weight
-matrix — mean |W ⊙ ∂L/∂W| over a few local batches (gradient sensitivity, as in AdaLoRA/FedPipe).
+matrix — mean |W ⊙ ∂L/∂W| over a few local batches (gradient sensitivity, as in AdaLoRA/FedPipe) — and what a
+step costs on it: its examples' token lengths and, with ``fedpipe.measure_step``, a measured step (``step_probe``).
 train (each round): build the planned model once (base quantized to the planned bits, kept per process; a
 LoRA adapter with the planned modules and per-module ranks), apply the server's compressed delta to the
 factors this client holds, train, and send back the compressed delta of the trained factors with error
@@ -35,6 +36,8 @@ from pollinate.common.seeds import derive_seed
 from pollinate.common.wire import bytes_to_record, record_to_arrays, record_to_bytes
 from pollinate.methods.fedpipe.codec import ErrorFeedback, decode_bundle
 from pollinate.methods.fedpipe.global_model import load_global
+from pollinate.methods.fedpipe.planner.spec import model_spec_from_model
+from pollinate.methods.fedpipe.step_probe import measured_step, token_summary
 
 HELD_KEY, RESIDUAL_KEY, VERSION_KEY = "fedpipe.held", "fedpipe.residual", "fedpipe.version"
 
@@ -79,17 +82,25 @@ def prepare(msg: Message, cfg: RunConfig, context: Context) -> RecordDict:
     if data.task_type != "generation":  # score through the server's initial head (seeded the same way)
         torch.manual_seed(cfg.federation.seed)
     base = runtime.base_model(cfg, data.num_labels, tag="fedpipe-score")
-    names = candidate_names(base, cfg.fedpipe.candidate_modules or FAMILY_ALL_LINEAR[info.family])
+    targets = cfg.fedpipe.candidate_modules or FAMILY_ALL_LINEAR[info.family]
+    names = candidate_names(base, targets)
     runtime.seed_everything(cfg, 0, data.client_id)
     batches = ExampleStream(data.encoded, cfg.train.batch_size, runtime.tokenizer_for(cfg).pad_token_id,
                             seed=derive_seed(cfg.federation.seed, "client-scoring-batches", data.client_id))
     scores = importance_scores(base, batches, names, cfg.fedpipe.score_batches)
-    runtime.drop_cached(("base",), tag="fedpipe-score")  # scoring is one-off; free the fp32 copy
-    return RecordDict({
+    spec = model_spec_from_model(base, targets, runtime.head_modules_for(cfg))
+    del base  # scoring is one-off: free the fp32 copy before the measured step loads its own
+    runtime.drop_cached(("base",), tag="fedpipe-score")
+    content = RecordDict({
         "scores": MetricRecord(scores),
         "profile": ConfigRecord(runtime.client_profile(cfg, node_config).to_dict()),
         "metrics": MetricRecord({"num-examples": data.num_examples, "client_id": data.client_id}),
+        "tokens": token_summary(data),
     })
+    step = measured_step(cfg, node_config, data, spec, planned_model) if cfg.fedpipe.measure_step else None
+    if step is not None:
+        content["measured_step"] = step
+    return content
 
 
 def _plan(msg: Message) -> dict[str, Any]:
@@ -100,9 +111,10 @@ def _plan(msg: Message) -> dict[str, Any]:
     return plan
 
 
-def planned_model(cfg: RunConfig, plan: dict[str, Any], num_labels: int, client_id: int):
-    """The base at the planned bits (one per process and bits) with this client's adapter active on it (and a
-    classifier's head, trained in full)."""
+def planned_model(cfg: RunConfig, plan: dict[str, Any], num_labels: int, client_id: int,
+                  adapter_name: str | None = None):
+    """The base at the planned bits (one per process and bits) with this client's adapter (default name: per client
+    and ranks; ``adapter_name`` names another) active on it (and a classifier's head, trained in full)."""
     from peft import PeftModel, get_peft_model
 
     info = resolve_model(cfg.model.name)
@@ -116,7 +128,10 @@ def planned_model(cfg: RunConfig, plan: dict[str, Any], num_labels: int, client_
         from pollinate.common.quantize import load_quantized_base
 
         path, task = runtime.model_task(cfg)
-        return load_quantized_base(path, task, num_labels, bits, heads, pooling=cfg.model.pooling)
+        # transformers matches a skipped name from the start of a module's name or as its suffix: a head's nested
+        # linears (bert.pooler.dense under "pooler") need the name anywhere at a module boundary to stay fp32
+        skip = [rf"(?:.*\.)?{re.escape(name)}" for name in heads]
+        return load_quantized_base(path, task, num_labels, bits, skip, pooling=cfg.model.pooling)
 
     base = runtime.cached(("fedpipe-base", bits, num_labels), build_base)
     ranks = {name: int(r) for name, r in plan["ranks"].items()}
@@ -125,7 +140,8 @@ def planned_model(cfg: RunConfig, plan: dict[str, Any], num_labels: int, client_
         rank_pattern={re.escape(n): r for n, r in ranks.items()},
         alpha_pattern={re.escape(n): 2.0 * r for n, r in ranks.items()}, head_modules=heads,
     )
-    adapter = f"client{client_id}-" + hashlib.sha1(json.dumps(ranks, sort_keys=True).encode()).hexdigest()[:10]
+    adapter = adapter_name or (f"client{client_id}-"
+                               + hashlib.sha1(json.dumps(ranks, sort_keys=True).encode()).hexdigest()[:10])
     key = ("fedpipe-peft", bits, num_labels)
     model = runtime.cached_or_none(key)
     if model is None:

@@ -22,6 +22,14 @@ class FedPipeConfig:
                             default_factory=lambda: [32, 8, 4])
     batch_sizes: list[int] = config_field("Batch sizes the planner may choose", default_factory=lambda: [2, 4, 8])
     score_batches: int = config_field("Local batches used for importance scoring (|W * grad W|)", default=2)
+    measure_step: bool = config_field(
+        "Round 0: each client times a few training steps (a small adapter at the smallest batch size, at each of "
+        "fedpipe.bits its memory holds) and the planner corrects its speed estimate per bits by them",
+        default=True)
+    replan: bool = config_field(
+        "After each round, re-plan a client whose round ran over federation.deadline_s or whose measured compute "
+        "is more than 15% off the plan's estimate, with its speed estimate corrected by the measurement",
+        server_only=True, default=True)
     param_budget: int = config_field(
         "Most adapter parameters a client trains (and sends) per round, on top of its memory and deadline "
         "(0 = no cap); the planner spends it on the most important modules", default=250_000)

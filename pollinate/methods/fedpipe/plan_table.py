@@ -77,12 +77,16 @@ def plan_table(plans: Mapping[str, Mapping[str, Any]], profiles: Mapping[str, st
 
 
 def print_plan_table(recorder: RunRecorder, plans: Mapping[str, Mapping[str, Any]], profiles: Mapping[str, str],
-                     server_round: int) -> None:
-    """Print the plan table to the run's console, unless the run is quiet or nothing was planned."""
+                     server_round: int, replanned: bool = False) -> None:
+    """Print the plan table to the run's console, unless the run is quiet or nothing was planned; ``replanned``:
+    the plans of clients re-planned for ``server_round`` (their measured round missed its estimate)."""
     if recorder.quiet or not plans:
         return
-    joining = "" if server_round == 0 else f" of clients joining in round {server_round}"
-    title = f"FedPipe plan{joining} (estimated per round: memory MiB, compute and comm seconds)"
+    if replanned:
+        which = f" of clients re-planned for round {server_round}"
+    else:
+        which = "" if server_round == 0 else f" of clients joining in round {server_round}"
+    title = f"FedPipe plan{which} (estimated per round: memory MiB, compute and comm seconds)"
     table, console = plan_table(plans, profiles, title), recorder.console
     if console.is_terminal:
         console.print(table)

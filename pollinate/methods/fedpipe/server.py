@@ -1,9 +1,12 @@
 """fedpipe, server half: plan per client, send compressed factor deltas, aggregate heterogeneous ranks exactly.
 
-Round 0 (``prepare``): every client reports its resource profile and importance scores; the server combines
-the scores (weighted by examples) and the planner picks, per client, the modules, LoRA ranks, batch size and
-base bits that fit its memory and the round deadline. A client nothing fits for is left out, with the
-planner's message (its budget and the minimum it needs) in the report.
+Round 0 (``prepare``): every client reports its resource profile, importance scores, its examples' token lengths
+and a measured training step (``round_zero``); the server combines the scores (weighted by examples) and the
+planner picks, per client, the modules, LoRA ranks, batch size and base bits that fit its memory and the round
+deadline, with its speed corrected by its measured step (``calibration``). A client nothing fits for is left out,
+with the planner's message (its budget and the minimum it needs) in the report. After each round a client whose
+round ran over the deadline or whose compute missed the estimate is re-planned (``plan_book``); its report
+record carries ``estimated_compute_seconds`` next to the measured ``compute_seconds``.
 
 Each round: the global ΔW of every module is kept in factored form (``b @ a``, rank ≤ ``global_rank``). Client k
 gets, per planned module, the best rank-r_k factorisation of the global ΔW (SVD of the small core) — zero modules
@@ -43,29 +46,22 @@ from pollinate.common.adapters import head_module_names
 from pollinate.common.config import ConfigError, RunConfig
 from pollinate.common.models import FAMILY_ALL_LINEAR, load_model
 from pollinate.common.pooling import resolve_pooling
-from pollinate.common.profiles import ResourceProfile
 from pollinate.common.report import RunRecorder
 from pollinate.common.seeds import derive_seed
 from pollinate.common.wire import arrays_to_record, bytes_to_record, record_to_arrays, record_to_bytes
 from pollinate.methods.fedpipe import central_dp, global_model, head, update_space
-from pollinate.methods.fedpipe.codec import WIRE_BYTES_PER_PARAM, decode_bundle, encode_bundle
+from pollinate.methods.fedpipe.codec import decode_bundle, encode_bundle
 from pollinate.methods.fedpipe.factors import LORA_ALPHA_PER_RANK, factors_for_client, lora_keys
 from pollinate.methods.fedpipe.lowrank import LoraFactors, apply_weighted_updates
 from pollinate.methods.fedpipe.peft_adapter import save_adapter
-from pollinate.methods.fedpipe.plan_table import plan_summary, print_plan_table
-from pollinate.methods.fedpipe.planner import (
-    ClientPlan,
-    PlanInfeasible,
-    PlanOptions,
-    combine_importance,
-    model_spec_from_model,
-    plan_clients,
-)
+from pollinate.methods.fedpipe.plan_book import PlanBook
+from pollinate.methods.fedpipe.plan_table import plan_summary
+from pollinate.methods.fedpipe.planner import ClientPlan, combine_importance, model_spec_from_model
+from pollinate.methods.fedpipe.round_zero import PrepareReply, read_prepare_reply
 from pollinate.server import robust
 from pollinate.server.deployment import Deployment
 from pollinate.server.evaluation import ServerEvaluator
 from pollinate.server.privacy import ServerPrivacy
-from pollinate.server.replies import finite_number, integer_in, reply_metrics
 from pollinate.server.strategy import PollinateStrategy, Reply, UpdateRejected, rejection_reason
 
 
@@ -91,7 +87,7 @@ class FedPipe(PollinateStrategy):
         self.shapes = {m.name: (m.out_features, m.in_features) for m in self.spec.modules}
         modules = dict(self.model.named_modules())
         self.base_weights = {name: modules[name].weight.detach().clone() for name in self.shapes}
-        self.plans: dict[int, ClientPlan] = {}
+        self.book = PlanBook(cfg, self.spec, recorder)
         self.node_client: dict[int, int] = {}
         self.held: dict[int, dict[str, np.ndarray]] = {}  # what each client holds (server's exact view)
         self.held_version: dict[int, int] = {}
@@ -100,17 +96,16 @@ class FedPipe(PollinateStrategy):
         self.truncation: float = 0.0
         self._eval_payload: tuple[int, bytes] | None = None  # (round, the global state as clients evaluate it)
 
-    # --- round 0: profiles, importance, plans ---------------------------------------------------------
-    def plan_options(self) -> PlanOptions:
-        fp = self.cfg.fedpipe
-        return PlanOptions(
-            ranks=tuple(sorted({0, *fp.ranks})), bits=tuple(fp.bits), batch_sizes=tuple(fp.batch_sizes),
-            seq_len=self.cfg.model.max_seq_len, local_steps=self.cfg.train.local_steps,
-            max_local_steps=fp.max_local_steps, deadline_s=self.cfg.federation.deadline_s,
-            update_bytes_per_param=WIRE_BYTES_PER_PARAM.get(fp.uplink_encoding, 4.0),
-            max_adapter_params=fp.param_budget or math.inf,
-        )
+    @property
+    def plans(self) -> dict[int, ClientPlan]:
+        """Each planned client's current plan (``PlanBook``)."""
+        return self.book.plans
 
+    @plans.setter
+    def plans(self, plans: dict[int, ClientPlan]) -> None:
+        self.book.plans = plans
+
+    # --- round 0: profiles, importance, plans ---------------------------------------------------------
     def prepare(self, grid: Grid) -> None:
         sample_nodes(grid, self.min_available_nodes, self.min_available_nodes)  # waits until enough joined
         self._prepare_nodes(grid, list(grid.get_node_ids()), server_round=0)
@@ -118,78 +113,47 @@ class FedPipe(PollinateStrategy):
             raise RuntimeError("no client could be planned in FedPipe's round 0 (see 'rejected' in metrics.jsonl)")
 
     def begin_round(self, grid: Grid, server_round: int) -> None:
-        """Nodes seen for the first time (joined late, or rejoined with a new node id) are profiled, scored and
-        planned against the run's importance map before they get a training message."""
+        """Clients whose last round missed its plan are re-planned (``PlanBook.review``); nodes seen for the first
+        time (joined late, or rejoined with a new node id) are profiled, scored and planned against the run's
+        importance map before they get a training message."""
         self.round_starts = {}  # filled per client as this round's messages are built
+        for client in self.book.review(self.importance, server_round):
+            self._forget_held(client)
         new_nodes = [n for n in grid.get_node_ids() if n not in self.node_client]
         if new_nodes and self.importance:
             self._prepare_nodes(grid, new_nodes, server_round)
 
     def _prepare_nodes(self, grid: Grid, node_ids: list[int], server_round: int) -> None:
-        """Ask ``node_ids`` for profile + importance scores; the first call fixes the run's importance map."""
+        """Ask ``node_ids`` for profile, importance scores, token lengths and a measured step; the first call fixes
+        the run's importance map."""
         config = ConfigRecord({"server-round": server_round, "run-config": self.client_config})
         messages = [Message(content=RecordDict({"config": config}), dst_node_id=n, message_type="train.prepare")
                     for n in node_ids]
-        scores, weights, profiles, clients = [], [], [], []
+        replies: list[PrepareReply] = []
         for reply in grid.send_and_receive(messages, timeout=self.cfg.federation.round_timeout_s):
             node_id = reply.metadata.src_node_id
             if reply.has_error():
                 self.recorder.reject(server_round, f"node-{node_id}", f"prepare failed: {reply.error.reason}")
                 continue
             try:  # a malformed reply is that node's rejection, never the run's end
-                client_id, score, examples, profile = self._read_prepare_reply(node_id, reply.content)
+                read = read_prepare_reply(reply.content, node_id, self.identity, set(self.shapes), self.cfg)
             except Exception as exc:  # noqa: BLE001
                 self.recorder.reject(server_round, f"node-{node_id}", f"prepare reply: {rejection_reason(exc)}")
                 continue
-            self.node_client[node_id] = client_id
-            scores.append(score)
-            weights.append(float(examples))
-            profiles.append(profile)
-            clients.append(client_id)
-        if not clients:
+            self.node_client[node_id] = read.client_id
+            replies.append(read)
+        if not replies:
             return
         if not self.importance:
-            self.importance = combine_importance(scores, weights)
-        new_plans = self._plan_each(profiles, clients)
-        self.plans.update(new_plans)
-        for client in clients:  # a re-planned client starts from a full download
-            self.held.pop(client, None)
-            self.held_version.pop(client, None)
-        head_params = {"head_params": self.spec.head_params} if self.spec.head_params else {}
-        self.recorder.event("plans", round=server_round,
-                            importance_top=sorted(self.importance, key=self.importance.get)[-5:],
-                            # module_ranks: each module's rank, for the dashboard's heat map
-                            plans={str(c): {**plan_summary(p), "module_ranks": dict(p.ranks)}
-                                   for c, p in new_plans.items()}, **head_params)
-        print_plan_table(self.recorder, {str(c): plan_summary(p) for c, p in new_plans.items()},
-                         {str(c): profile.name for c, profile in zip(clients, profiles, strict=True)}, server_round)
+            self.importance = combine_importance([r.scores for r in replies], [float(r.examples) for r in replies])
+        self.book.plan_new(replies, self.importance, server_round)
+        for reply in replies:  # a re-planned client starts from a full download
+            self._forget_held(reply.client_id)
 
-    def _read_prepare_reply(self, node_id: int,
-                            content: RecordDict) -> tuple[int, dict[str, float], int, ResourceProfile]:
-        """Client id (from its node), importance scores, example count and profile of a round-0 reply."""
-        metrics = reply_metrics(content)
-        client_id = self.identity.resolve(node_id, metrics.get("client_id"))
-        examples = integer_in(metrics.get("num-examples"), 1, self.cfg.federation.max_examples_per_client,
-                              "num-examples", reason="weight")
-        scores = {k: finite_number(v) for k, v in content["scores"].items() if k in self.shapes}
-        if any(value is None for value in scores.values()):
-            raise UpdateRejected("importance scores must be finite numbers", reason="non-finite")
-        return client_id, scores, examples, ResourceProfile(**dict(content["profile"]))
-
-    def _plan_each(self, profiles: list[ResourceProfile], clients: list[int]) -> dict[int, ClientPlan]:
-        """Plan every client; one that fits nothing is reported (planner's message) and left out."""
-        options = self.plan_options()
-        plans: dict[int, ClientPlan] = {}
-        try:
-            for plan in plan_clients(profiles, self.importance, self.spec, options, client_ids=clients):
-                plans[int(plan.client_id)] = plan
-        except PlanInfeasible:
-            for profile, client in zip(profiles, clients, strict=True):
-                try:
-                    plans[client] = plan_clients([profile], self.importance, self.spec, options, [client])[0]
-                except PlanInfeasible as exc:
-                    self.recorder.reject(0, client, f"no feasible plan: {exc}")
-        return plans
+    def _forget_held(self, client: int) -> None:
+        """The client's next download is in full (its plan's factor shapes may have changed)."""
+        self.held.pop(client, None)
+        self.held_version.pop(client, None)
 
     # --- per-round exchange -----------------------------------------------------------------------------
     def initial_arrays(self) -> ArrayRecord:
@@ -362,11 +326,11 @@ class FedPipe(PollinateStrategy):
         return {} if self.privacy is None else {"privacy": self.privacy.take_round_record()}
 
     def client_record(self, client_id: int, content: RecordDict, bytes_up: int, bytes_down: int) -> dict[str, Any]:
+        """The plan's estimates (``estimated_compute_seconds`` beside the measured ``compute_seconds``); the measured
+        timing is kept for the next round's check of the plan."""
         record = super().client_record(client_id, content, bytes_up, bytes_down)
-        plan = self.plans.get(record["client_id"])
-        if plan is not None:
-            record.update(plan=plan_summary(plan), est_memory_bytes=int(plan.est_memory_bytes),
-                          est_round_seconds=round(plan.est_compute_s + plan.est_comm_s, 3))
+        record.update(self.book.estimate_fields(record["client_id"]))
+        self.book.observe(record["client_id"], self.profile_timing(content, bytes_up, bytes_down))
         return record
 
     # --- evaluation and the final adapter --------------------------------------------------------------

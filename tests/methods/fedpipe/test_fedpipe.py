@@ -101,7 +101,9 @@ def test_simulate_fedpipe_plans_differ_per_client_tier(tmp_path):
     out = tmp_path / "fp"
     cmd = [sys.executable, "-m", "pollinate.cli", "simulate", "--method", "fedpipe", "--model", "tiny-llama",
            "--clients", "3", "--rounds", "2", "--scenario", "tiers", "--out", str(out), "--quiet",
-           "--set", "federation.deadline_s=0.1", "--set", "fedpipe.bits=[32, 8]"]
+           "--set", "federation.deadline_s=0.1", "--set", "fedpipe.bits=[32, 8]",
+           # plans by the FLOPs model alone: measured, this deadline would leave the slower tiers out
+           "--set", "fedpipe.measure_step=false", "--set", "fedpipe.replan=false"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, env=os.environ.copy())
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
@@ -192,7 +194,8 @@ def test_two_nodes_claiming_one_client_in_round_0_leave_the_second_refused(tmp_p
             for message, claimed in zip(messages, [0, 1, 0], strict=True):
                 message.metadata.__dict__["_message_id"] = f"m{claimed}-{message.metadata.dst_node_id}"
                 content = RecordDict({"scores": MetricRecord({MODULE: 1.0}), "profile": profile,
-                                      "metrics": MetricRecord({"client_id": claimed, "num-examples": 10})})
+                                      "metrics": MetricRecord({"client_id": claimed, "num-examples": 10}),
+                                      "tokens": MetricRecord({"quantiles": [4, 8, 16]})})
                 replies.append(Message(content, reply_to=message))
             return replies
 

@@ -17,6 +17,7 @@ import pytest
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
+from pollinate.client import runtime
 from pollinate.common.config import ConfigError, RunConfig
 from pollinate.common.config_io import build_config
 from pollinate.common.report import RunRecorder
@@ -254,6 +255,19 @@ def test_head_counts_in_the_norm_and_goes_through_the_robust_aggregator(tmp_path
 def test_server_optimizers_other_than_fedavg_are_refused(tmp_path, colors):
     with pytest.raises(ConfigError, match="federation.server_optimizer = 'fedadam'"):
         _strategy(tmp_path, colors, "federation.server_optimizer='fedadam'")
+
+
+def test_a_4_bit_cls_classifier_keeps_its_pooler_and_classifier_in_full_precision(tmp_path, colors):
+    cfg = _strategy(tmp_path, colors, 'model.pooling="cls"', "fedpipe.bits=[4]").cfg
+    for key in ("fedpipe-peft", "fedpipe-base"):  # the process cache may hold a 4-bit base of another pooling
+        runtime.drop_cached((key, 4))
+    model, _ = fedpipe_client.planned_model(cfg, {"ranks": {UP: 2}, "bits": 4, "batch_size": 4}, 3, 0)
+    kinds = {name: type(module).__name__ for name, module in model.named_modules()}
+    for key in ("fedpipe-peft", "fedpipe-base"):
+        runtime.drop_cached((key, 4))
+    assert kinds["base_model.model.bert.encoder.layer.0.output.dense"] == "Linear4bit"
+    heads = [name for name in kinds if ".pooler." in name or ".classifier" in name]
+    assert heads and not any(kinds[name].startswith("Linear4bit") for name in heads)
 
 
 @pytest.mark.slow

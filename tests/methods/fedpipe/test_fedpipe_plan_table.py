@@ -72,6 +72,12 @@ def test_late_joiners_get_a_table_titled_with_their_round(tmp_path):
     assert out.getvalue().startswith("FedPipe plan of clients joining in round 4 (estimated")
 
 
+def test_re_planned_clients_get_a_table_titled_with_the_round_their_new_plan_is_for(tmp_path):
+    rec, out = recorder(tmp_path, quiet=False)
+    print_plan_table(rec, {"3": PLANS["2"]}, {}, server_round=2, replanned=True)
+    assert out.getvalue().startswith("FedPipe plan of clients re-planned for round 2 (estimated")
+
+
 def test_the_server_prints_the_table_when_it_plans_round_0(tmp_path, monkeypatch):
     for name, value in (("_run_id", 1), ("_node_id", 1), ("_task_id", 0)):
         monkeypatch.setattr(TaskIdentity, name, value)
@@ -89,7 +95,8 @@ def test_the_server_prints_the_table_when_it_plans_round_0(tmp_path, monkeypatch
                 message.metadata.__dict__["_message_id"] = f"m{client}"
                 content = RecordDict({"scores": MetricRecord({module: 1.0}),
                                       "profile": ConfigRecord(TIER_PROFILES[tier].to_dict()),
-                                      "metrics": MetricRecord({"client_id": client, "num-examples": 10})})
+                                      "metrics": MetricRecord({"client_id": client, "num-examples": 10}),
+                                      "tokens": MetricRecord({"quantiles": [4, 8, 16]})})
                 replies.append(Message(content, reply_to=message))
             return replies
 

@@ -43,7 +43,7 @@ def _plan_costs(costs, spec, ranks, bits, batch, u=0):
     """(memory bytes, compute seconds per round, comm seconds per round) of a plan, by the planner's cost model."""
     j, n_params = costs.combo(bits, batch), adapter_param_count(spec, ranks)
     compute = costs.options.local_steps * costs.step_seconds(u, j, n_params)
-    return costs.memory_bytes(j, n_params), compute, costs.comm_seconds(u, n_params)
+    return costs.memory_bytes(u, j, n_params), compute, costs.comm_seconds(u, n_params)
 
 
 def _objective(importance, ranks, bits, batch, spec, options):
@@ -374,7 +374,7 @@ def test_head_params_cost_memory_compute_and_bytes_whatever_the_ranks():
 def test_a_head_that_does_not_fit_makes_the_client_infeasible_and_says_so():
     bare = _small_spec()
     options = PlanOptions(bits=(32,), batch_sizes=(1,), seq_len=4)
-    needs = CostModel.build(bare, options, [TIER_PROFILES["weak"]]).memory_bytes(0, 8 * (16 + 8))
+    needs = CostModel.build(bare, options, [TIER_PROFILES["weak"]]).memory_bytes(0, 0, 8 * (16 + 8))
     profile = ResourceProfile(memory_gib=(needs + 1_000) / GIB, compute_tflops=1, uplink_mbps=10, downlink_mbps=10)
     assert plan_client(profile, {}, bare, options).ranks  # fits without a head
     with_head = ModelSpec(num_params=bare.num_params, hidden=16, num_layers=2, vocab=64, modules=bare.modules,

@@ -23,7 +23,7 @@ def _predicted_mib(shape: str, bits: int) -> float:
     spec = model_spec_from_config({"model_type": "llama", **SHAPES[shape]})
     costs = CostModel.build(spec, PlanOptions(seq_len=64, batch_sizes=(1,)), [TIER_PROFILES["medium"]])
     ranks = {m.name: 8 for m in spec.modules}
-    return costs.memory_bytes(costs.combo(bits, 1), adapter_param_count(spec, ranks)) / MIB
+    return costs.memory_bytes(0, costs.combo(bits, 1), adapter_param_count(spec, ranks)) / MIB
 
 
 @pytest.mark.parametrize("shape, bits", sorted(CUDA_PEAKS))

@@ -1,7 +1,7 @@
 """The planner's cost model: memory, compute and communication of a plan, for many clients at once.
 
-Every cost is affine in the adapter's parameter count P, so :class:`CostModel` holds, per (client profile,
-bits, batch size), a fixed part and a per-parameter part; the search turns them into one capacity per choice
+Every cost is affine in the adapter's parameter count P, so :class:`CostModel` holds, per (client budget and
+workload, bits, batch size), a fixed part and a per-parameter part; the search turns them into one capacity per choice
 and the plans report the same formulas. The constants live in :class:`PlanOptions`; they were calibrated on
 SmolLM2-135M (B x T = 4 x 32, LoRA r8 on all seven projections), and ``test_planner.py`` pins the measured
 peaks and step time they reproduce.
@@ -28,11 +28,15 @@ peaks and step time they reproduce.
   must leave room for.
 - Compute per step, frozen base: forward 2N + input-gradient backward 2N FLOPs per token (no weight
   gradients for the base, so 4N, not the 6N of full training), 6 FLOPs per token per LoRA parameter,
-  and attention 12 x layers x seq_len x hidden per token; the head's weight gradients 2 FLOPs per head
+  and attention 12 x layers x width x hidden per token; the head's weight gradients 2 FLOPs per head
   parameter per sequence (it reads one pooled vector; its forward and input gradient are in the 4N).
-  Seconds = FLOPs / (compute_tflops x utilization) x a per-bits factor (NF4 computes in bf16).
+  Seconds = FLOPs / (compute_tflops x utilization) x a per-bits factor (NF4 computes in bf16) x the client's
+  measured correction at those bits (``Workload.time_scale``, 1 where it measured nothing).
+- Tokens: a batch is padded to its longest example. A client's :class:`Workload` gives its examples' token
+  lengths (``workload``): compute takes the expected padded width of a batch, memory its longest example;
+  without them every example is ``seq_len`` tokens long.
 - Communication: the adapter at the client's ranks, and the head, go down and come back each round,
-  ``update_bytes_per_param`` bytes per parameter each way.
+  ``update_bytes_per_param`` bytes per parameter each way (times the client's ``comm_scale``).
 """
 
 from __future__ import annotations
@@ -45,8 +49,10 @@ import numpy as np
 from pollinate.common.profiles import GIB, ResourceProfile, comm_seconds
 from pollinate.methods.fedpipe.planner.options import SUPPORTED_BITS, PlanOptions
 from pollinate.methods.fedpipe.planner.spec import ModelSpec
+from pollinate.methods.fedpipe.planner.workload import Workload, sequence_widths
 
-__all__ = ["CostModel", "activation_bytes", "adapter_param_count", "base_weight_bytes", "dequant_workspace_bytes"]
+__all__ = ["CostModel", "activation_bytes", "adapter_param_count", "base_weight_bytes", "dequant_workspace_bytes",
+           "modelled_speed", "step_flops"]
 
 _NF4_BYTES_PER_WEIGHT = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4 bits + int8 absmax per 64 + fp32 per 256 absmax
 
@@ -72,9 +78,11 @@ def dequant_workspace_bytes(spec: ModelSpec, bits: int) -> float:
     return 2.0 * max(m.in_features * m.out_features for m in spec.modules)
 
 
-def activation_bytes(spec: ModelSpec, bits: int, batch_size: int, options: PlanOptions) -> float:
-    """Peak activation bytes of one training step."""
-    tokens = batch_size * options.seq_len
+def activation_bytes(spec: ModelSpec, bits: int, batch_size: int, options: PlanOptions,
+                     width: float | np.ndarray | None = None) -> float | np.ndarray:
+    """Peak activation bytes of one training step whose batch is ``width`` tokens wide (default ``seq_len``; an
+    array: one value per width)."""
+    tokens = batch_size * (options.seq_len if width is None else width)
     per_token = (options.act_bytes_per_token_hidden_layer * spec.hidden * spec.num_layers
                  + options.act_bytes_per_token_logit * spec.logit_width)
     return tokens * per_token * options.activation_factor[bits]
@@ -90,21 +98,29 @@ def adapter_param_count(spec: ModelSpec, ranks: Mapping[str, int]) -> int:
     return sum(by_name[n].lora_params(r) for n, r in ranks.items())
 
 
-def _step_flops(spec: ModelSpec, batch_size: int, options: PlanOptions) -> tuple[float, float]:
-    """(FLOPs per step independent of the adapter, FLOPs per step per adapter parameter)."""
-    tokens = batch_size * options.seq_len
-    fixed = tokens * (4.0 * spec.num_params + 12.0 * spec.num_layers * options.seq_len * spec.hidden)
+def step_flops(spec: ModelSpec, batch_size: int, mean_width: float | np.ndarray,
+               attention_width: float | np.ndarray) -> tuple[float | np.ndarray, float | np.ndarray]:
+    """(FLOPs of one step independent of the adapter, FLOPs per adapter parameter) at a mean padded width of
+    ``mean_width`` tokens; ``attention_width`` is ``E[W^2] / E[W]`` (attention costs width x tokens). Arrays of
+    widths give arrays of FLOPs."""
+    tokens = batch_size * mean_width
+    fixed = tokens * (4.0 * spec.num_params + 12.0 * spec.num_layers * attention_width * spec.hidden)
     return fixed + 2.0 * batch_size * spec.head_params, 6.0 * tokens
+
+
+def modelled_speed(profile: ResourceProfile, bits: int, options: PlanOptions) -> float:
+    """FLOP/s the cost model expects of ``profile`` at ``bits`` before any measured correction."""
+    return profile.compute_tflops * 1e12 * options.utilization / options.time_factor[bits]
 
 
 @dataclass(frozen=True)
 class CostModel:
-    """Costs of every (profile, bits, batch) choice as affine functions of the adapter's parameters P.
+    """Costs of every (client, bits, batch) choice as affine functions of the adapter's parameters P.
 
-    Choice ``j`` is ``combos[j]`` (bits high to low, then batch large to small); profile ``u`` is
-    ``profiles[u]``. Memory of choice ``j`` is ``fixed_memory[j] + adapter_state_bytes_per_param x P``; the
-    round of profile ``u`` (all local steps, adapter down and up) takes ``fixed_seconds[u, j] +
-    seconds_per_param[u, j] x P``.
+    Choice ``j`` is ``combos[j]`` (bits high to low, then batch large to small); client ``u`` is
+    ``profiles[u]`` with ``workloads[u]``. Memory of choice ``j`` is ``fixed_memory[u, j] +
+    adapter_state_bytes_per_param x P``; the round (all local steps, adapter down and up) takes
+    ``fixed_seconds[u, j] + seconds_per_param[u, j] x P``.
 
     Parameters
     ----------
@@ -113,13 +129,15 @@ class CostModel:
     head_params : int
         Parameters trained in full and sent every round whatever the ranks (``ModelSpec.head_params``).
     profiles : tuple of ResourceProfile
-        The clients' budgets (identical profiles may be passed once).
+        The clients' budgets (clients with identical budgets and workloads may be passed once).
+    workloads : tuple of Workload
+        The clients' token lengths and measured corrections, one per profile.
     combos : tuple of (int, int)
         The (bits, batch size) choices.
     fixed_memory : np.ndarray
-        (choices,) bytes of base and activations.
+        (profiles, choices) bytes of base and activations.
     round_flops : np.ndarray
-        (choices, 2) FLOPs of ``local_steps`` steps: independent of P, and per adapter parameter.
+        (profiles, choices, 2) FLOPs of ``local_steps`` steps: independent of P, and per adapter parameter.
     speed : np.ndarray
         (profiles, choices) FLOP/s a step achieves.
     fixed_seconds, seconds_per_param : np.ndarray
@@ -129,6 +147,7 @@ class CostModel:
     options: PlanOptions
     head_params: int
     profiles: tuple[ResourceProfile, ...]
+    workloads: tuple[Workload, ...]
     combos: tuple[tuple[int, int], ...]
     fixed_memory: np.ndarray
     round_flops: np.ndarray
@@ -137,23 +156,24 @@ class CostModel:
     seconds_per_param: np.ndarray
 
     @classmethod
-    def build(cls, spec: ModelSpec, options: PlanOptions, profiles: Sequence[ResourceProfile]) -> CostModel:
-        """The cost model of ``spec`` for each profile and every (bits, batch) in ``options``."""
-        tflops, up, down = (np.array([getattr(p, name) for p in profiles], dtype=float)
-                            for name in ("compute_tflops", "uplink_mbps", "downlink_mbps"))
+    def build(cls, spec: ModelSpec, options: PlanOptions, profiles: Sequence[ResourceProfile],
+              workloads: Sequence[Workload] | None = None) -> CostModel:
+        """The cost model of ``spec`` for each profile (with its workload; default: none measured, every example
+        ``seq_len`` tokens) and every (bits, batch) in ``options``."""
+        workloads = tuple(workloads) if workloads is not None else (Workload(),) * len(profiles)
+        if len(workloads) != len(profiles):
+            raise ValueError(f"got {len(workloads)} workloads for {len(profiles)} profiles")
+        up, down = (np.array([getattr(p, name) for p in profiles], dtype=float)
+                    for name in ("uplink_mbps", "downlink_mbps"))
         combos = tuple((b, s) for b in options.bits for s in sorted(options.batch_sizes, reverse=True))
-        head = options.adapter_state_bytes_per_param * spec.head_params
-        fixed_memory = np.array(
-            [base_weight_bytes(spec, b) + dequant_workspace_bytes(spec, b) + activation_bytes(spec, b, s, options)
-             + head for b, s in combos]
-        )
-        flops = np.array([_step_flops(spec, s, options) for _, s in combos]) * options.local_steps
-        time_factor = np.array([options.time_factor[b] for b, _ in combos])
-        speed = tflops[:, None] * 1e12 * options.utilization / time_factor
-        comm_per_param = options.update_bytes_per_param * 8e-6 * (1.0 / up + 1.0 / down)
-        return cls(options, spec.head_params, tuple(profiles), combos, fixed_memory, flops, speed,
-                   fixed_seconds=flops[None, :, 0] / speed + spec.head_params * comm_per_param[:, None],
-                   seconds_per_param=flops[None, :, 1] / speed + comm_per_param[:, None])
+        fixed_memory, flops = _workload_costs(spec, options, combos, workloads)
+        speed = np.array([[modelled_speed(p, b, options) / scale.get(b, 1.0) for b, _ in combos]
+                          for p, scale in zip(profiles, (dict(w.time_scale) for w in workloads), strict=True)])
+        comm_scale = np.array([w.comm_scale for w in workloads])
+        comm_per_param = options.update_bytes_per_param * 8e-6 * (1.0 / up + 1.0 / down) * comm_scale
+        return cls(options, spec.head_params, tuple(profiles), workloads, combos, fixed_memory, flops, speed,
+                   fixed_seconds=flops[:, :, 0] / speed + spec.head_params * comm_per_param[:, None],
+                   seconds_per_param=flops[:, :, 1] / speed + comm_per_param[:, None])
 
     def combo(self, bits: int, batch_size: int) -> int:
         """Index of the (bits, batch size) choice."""
@@ -167,20 +187,38 @@ class CostModel:
         """(profiles, choices) most adapter parameters that fit memory, deadline and ``max_adapter_params``."""
         options = self.options
         memory = np.array([p.memory_gib for p in self.profiles], dtype=float)
-        cap_memory = (memory[:, None] * GIB - self.fixed_memory[None, :]) / options.adapter_state_bytes_per_param
+        cap_memory = (memory[:, None] * GIB - self.fixed_memory) / options.adapter_state_bytes_per_param
         cap_time = (options.deadline_s - self.fixed_seconds) / self.seconds_per_param
         return np.minimum(np.minimum(cap_memory, cap_time), options.max_adapter_params)
 
-    def memory_bytes(self, j: int, n_params: int) -> float:
-        """Peak training memory of choice ``j`` with ``n_params`` adapter parameters."""
-        return float(self.fixed_memory[j] + self.options.adapter_state_bytes_per_param * n_params)
+    def memory_bytes(self, u: int, j: int, n_params: int) -> float:
+        """Peak training memory of choice ``j`` on profile ``u`` with ``n_params`` adapter parameters."""
+        return float(self.fixed_memory[u, j] + self.options.adapter_state_bytes_per_param * n_params)
 
     def step_seconds(self, u: int, j: int, n_params: int) -> float:
         """Seconds of one local step of choice ``j`` on profile ``u``."""
-        flops = self.round_flops[j, 0] + self.round_flops[j, 1] * n_params
+        flops = self.round_flops[u, j, 0] + self.round_flops[u, j, 1] * n_params
         return float(flops / self.speed[u, j]) / self.options.local_steps
 
     def comm_seconds(self, u: int, n_params: int) -> float:
         """Seconds to download and upload ``n_params`` adapter parameters and the head on profile ``u``."""
         nbytes = self.options.update_bytes_per_param * (n_params + self.head_params)
-        return comm_seconds(nbytes, nbytes, self.profiles[u])
+        return comm_seconds(nbytes, nbytes, self.profiles[u]) * self.workloads[u].comm_scale
+
+
+def _workload_costs(spec: ModelSpec, options: PlanOptions, combos: tuple[tuple[int, int], ...],
+                    workloads: tuple[Workload, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """(profiles, choices) bytes of base and activations, and (profiles, choices, 2) FLOPs of a round, from each
+    workload's padded widths (vectorised over the workloads)."""
+    batches = sorted(options.batch_sizes, reverse=True)
+    widths = sequence_widths([w.token_quantiles for w in workloads], batches, options.seq_len)
+    head = options.adapter_state_bytes_per_param * spec.head_params
+    memory = np.empty((len(workloads), len(combos)))
+    flops = np.empty((len(workloads), len(combos), 2))
+    for j, (bits, size) in enumerate(combos):
+        c = batches.index(size)
+        weights = base_weight_bytes(spec, bits) + dequant_workspace_bytes(spec, bits)
+        memory[:, j] = weights + activation_bytes(spec, bits, size, options, widths.longest) + head
+        fixed, per_param = step_flops(spec, size, widths.mean[:, c], widths.mean_square[:, c] / widths.mean[:, c])
+        flops[:, j, 0], flops[:, j, 1] = fixed, per_param
+    return memory, flops * options.local_steps

@@ -23,6 +23,7 @@ from pollinate.common.profiles import GIB, ResourceProfile
 from pollinate.methods.fedpipe.planner.costs import CostModel
 from pollinate.methods.fedpipe.planner.options import PlanOptions
 from pollinate.methods.fedpipe.planner.spec import ModelSpec
+from pollinate.methods.fedpipe.planner.workload import Workload
 
 __all__ = ["ClientPlan", "PlanInfeasible", "combine_importance", "local_steps_to_fill", "plan_clients"]
 
@@ -151,10 +152,11 @@ def _capacity_unit(params: np.ndarray, num_modules: int, max_params: float) -> i
     return unit
 
 
-def _unique_profiles(profiles: Sequence[ResourceProfile]) -> tuple[list[int], list[int]]:
-    """(index of each profile's budget among the distinct ones, first profile of each distinct budget)."""
-    keys = [(p.memory_gib, p.compute_tflops, p.uplink_mbps, p.downlink_mbps) for p in profiles]
-    unique: dict[tuple[float, ...], int] = {}
+def _unique_clients(profiles: Sequence[ResourceProfile], workloads: Sequence[Workload]) -> tuple[list[int], list[int]]:
+    """(index of each client's (budget, workload) among the distinct ones, first client of each distinct one)."""
+    keys = [(p.memory_gib, p.compute_tflops, p.uplink_mbps, p.downlink_mbps, w)
+            for p, w in zip(profiles, workloads, strict=True)]
+    unique: dict[tuple, int] = {}
     owner = [unique.setdefault(k, len(unique)) for k in keys]
     first: dict[int, int] = {}
     for i, u in enumerate(owner):
@@ -163,11 +165,13 @@ def _unique_profiles(profiles: Sequence[ResourceProfile]) -> tuple[list[int], li
 
 
 def plan_clients(profiles: Sequence[ResourceProfile], importance: Mapping[str, float], spec: ModelSpec,
-                 options: PlanOptions | None = None,
-                 client_ids: Sequence[str | int] | None = None) -> list[ClientPlan]:
-    """Plan every client against one (combined) importance map.
+                 options: PlanOptions | None = None, client_ids: Sequence[str | int] | None = None,
+                 workloads: Sequence[Workload] | None = None) -> list[ClientPlan]:
+    """Plan every client against one (combined) importance map; ``workloads`` (one per client, default none) are
+    the clients' token lengths and measured speed.
 
-    Identical profiles are planned once; the rank search is one knapsack table shared by all clients.
+    Clients with identical profiles and workloads are planned once; the rank search is one knapsack table shared
+    by all clients.
 
     Raises
     ------
@@ -177,13 +181,15 @@ def plan_clients(profiles: Sequence[ResourceProfile], importance: Mapping[str, f
     options = options or PlanOptions()
     if client_ids is None:
         client_ids = [str(i) for i in range(len(profiles))]
-    if len(client_ids) != len(profiles):
-        raise ValueError(f"got {len(client_ids)} client_ids for {len(profiles)} profiles")
+    workloads = [Workload()] * len(profiles) if workloads is None else list(workloads)
+    if len(client_ids) != len(profiles) or len(workloads) != len(profiles):
+        raise ValueError(f"got {len(client_ids)} client_ids and {len(workloads)} workloads for {len(profiles)} "
+                         "profiles")
     if not profiles:
         return []
     w = _normalised_importance(importance, spec)
-    owner, first = _unique_profiles(profiles)
-    costs = CostModel.build(spec, options, [profiles[i] for i in first])
+    owner, first = _unique_clients(profiles, workloads)
+    costs = CostModel.build(spec, options, [profiles[i] for i in first], [workloads[i] for i in first])
     cap_params = costs.max_params()
     knap = _Knapsack.solve(spec, w, options, float(cap_params.max()))
     cap_units = np.floor(cap_params / knap.unit).astype(np.int64)
@@ -203,7 +209,7 @@ def plan_clients(profiles: Sequence[ResourceProfile], importance: Mapping[str, f
 def _infeasible(costs: CostModel, knap: _Knapsack, u: int, client_id: str | int) -> PlanInfeasible:
     """The error for profile ``u``: its budget, and the least memory and time any plan needs."""
     profile, options, combos = costs.profiles[u], costs.options, costs.combos
-    need_mem = costs.fixed_memory + options.adapter_state_bytes_per_param * knap.min_params
+    need_mem = costs.fixed_memory[u] + options.adapter_state_bytes_per_param * knap.min_params
     need_t = costs.fixed_seconds[u] + costs.seconds_per_param[u] * knap.min_params
     jm, jt = int(np.argmin(need_mem)), int(np.argmin(need_t))
     head = f", with the {costs.head_params} head parameters trained in full" if costs.head_params else ""
@@ -240,7 +246,7 @@ def _plans(spec: ModelSpec, costs: CostModel, knap: _Knapsack, chosen: np.ndarra
             ranks={name: r for name, r in zip(names, ranks_table[u], strict=True) if r},
             batch_size=batch,
             bits=bits,
-            est_memory_bytes=costs.memory_bytes(j, n_params[u]),
+            est_memory_bytes=costs.memory_bytes(u, j, n_params[u]),
             est_compute_s=steps * step_s,
             est_comm_s=comm_s,
             objective=objective[u],

@@ -1,0 +1,88 @@
+"""A client's speed as the planner sees it, corrected by what the client measured.
+
+Round 0: a measured step at some bits gives that client's ``Workload.time_scale[bits]``: measured seconds over the
+cost model's seconds for the measured configuration (its batch, mean padded tokens and adapter), applied to every
+(batch, rank) choice at those bits; bits it did not measure keep the model's constants.
+
+Each round: a trained client's measured compute is checked against its plan's estimate. A round over the deadline,
+or compute more than ``TOLERANCE`` off the estimate, multiplies the scale at the plan's bits by measured over
+estimated compute (the estimate is linear in it) and, over the deadline, the client's ``comm_scale`` by measured
+over estimated communication when that ran over too; the client is then re-planned with the corrected workload.
+Factors are kept within ``SCALE_RANGE`` (a reply may claim any time).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Any
+
+from pollinate.common.profiles import ResourceProfile
+from pollinate.methods.fedpipe.planner import ClientPlan, PlanOptions, Workload
+from pollinate.methods.fedpipe.planner.costs import modelled_speed, step_flops
+from pollinate.methods.fedpipe.planner.spec import ModelSpec
+from pollinate.methods.fedpipe.round_zero import MeasuredStep
+
+__all__ = ["SCALE_RANGE", "TOLERANCE", "Review", "initial_workload", "modelled_step_seconds", "review"]
+
+TOLERANCE = 0.15  # relative gap between measured and estimated compute that re-plans a client
+SCALE_RANGE = (1e-2, 1e2)
+
+
+def _bounded(factor: float) -> float:
+    return min(max(factor, SCALE_RANGE[0]), SCALE_RANGE[1])
+
+
+def modelled_step_seconds(spec: ModelSpec, options: PlanOptions, profile: ResourceProfile, bits: int,
+                          measured: MeasuredStep) -> float:
+    """The cost model's seconds (no measured correction) for one step of the measured configuration at ``bits``."""
+    n_params = sum(m.lora_params(measured.rank) for m in spec.modules)
+    width = measured.tokens / measured.batch_size
+    fixed, per_param = step_flops(spec, measured.batch_size, width, width)
+    return float(fixed + per_param * n_params) / modelled_speed(profile, bits, options)
+
+
+def initial_workload(spec: ModelSpec, options: PlanOptions, profile: ResourceProfile, quantiles: tuple[int, ...],
+                     measured: MeasuredStep | None) -> Workload:
+    """A client's workload after round 0: its token lengths, and per measured bits (of ``options.bits``) the
+    measured over modelled seconds."""
+    scales = ()
+    if measured is not None:
+        scales = tuple(sorted(
+            (bits, _bounded(seconds / modelled_step_seconds(spec, options, profile, bits, measured)))
+            for bits, seconds in zip(measured.bits, measured.seconds, strict=True) if bits in options.bits))
+    return Workload(quantiles, scales)
+
+
+@dataclass(frozen=True)
+class Review:
+    """Why a client is re-planned, and its corrected workload."""
+
+    reason: str
+    workload: Workload
+    compute_ratio: float
+
+
+def review(plan: ClientPlan, workload: Workload, timing: dict[str, Any], deadline_s: float) -> Review | None:
+    """The correction a round's ``timing`` (``compute_seconds``, ``comm_seconds``, ``round_seconds``,
+    ``met_deadline`` as the strategy measured them) calls for under ``plan``; None when the plan held."""
+    compute, comm = timing.get("compute_seconds"), timing.get("comm_seconds")
+    if not _positive(compute) or not _positive(plan.est_compute_s):
+        return None  # nothing measured to correct by
+    ratio = float(compute) / plan.est_compute_s
+    over = timing.get("met_deadline") is False
+    if not over and abs(ratio - 1.0) <= TOLERANCE:
+        return None
+    corrected = workload.with_time_factor(plan.bits, _bounded(workload.time_factor(plan.bits) * ratio))
+    if over and _positive(comm) and _positive(plan.est_comm_s) and comm > plan.est_comm_s:
+        corrected = replace(corrected, comm_scale=_bounded(workload.comm_scale * float(comm) / plan.est_comm_s))
+    if over:
+        reason = (f"round took {timing.get('round_seconds')} s, over the {deadline_s:g} s deadline (compute "
+                  f"{ratio:.2f}x the estimate)")
+    else:
+        reason = f"compute took {float(compute):.3g} s, {ratio:.2f}x the estimated {plan.est_compute_s:.3g} s"
+    return Review(reason, corrected, ratio)
+
+
+def _positive(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value > 0
