@@ -25,8 +25,8 @@ REASON_LIMIT = 200  # characters of a rejection reason shown
 ROUND_FIELDS = ("train_loss", "eval_loss", "bytes_up", "bytes_down", "seconds", "bytes_eval_up", "bytes_eval_down",
                 "under_training_rate")
 CLIENT_FIELDS = ("bytes_up", "bytes_down", "compute_seconds", "comm_seconds", "round_seconds", "train_seconds",
-                 "train_loss", "num_examples", "est_round_seconds", "split_bytes_up", "split_bytes_down",
-                 "kept_examples", "split_steps", "local_steps")
+                 "train_loss", "num_examples", "est_round_seconds", "estimated_compute_seconds", "split_bytes_up",
+                 "split_bytes_down", "kept_examples", "split_steps", "local_steps")
 PLAN_FIELDS = ("modules", "bits", "batch_size", "local_steps", "est_memory_mib", "est_compute_s", "est_comm_s")
 SPLIT_FIELDS = ("split_bytes_up", "split_bytes_down", "kept_examples")
 HEADLINE_METRICS = ("exact_match", "accuracy")

@@ -133,7 +133,8 @@ def test_hostile_client_names_and_reasons_show_as_text(page, tmp_path):
     bench = tmp_path / "bench"
     base = [{"type": "initial_eval", "eval_loss": 3.0, "eval_metrics": {"accuracy": 0.1}},
             {"type": "client", "round": 1, "client_id": HOSTILE_NAME, "bytes_up": 10, "bytes_down": 10,
-             "profile": "<b>weak</b>", "met_deadline": True, "round_seconds": 0.1},
+             "profile": "<b>weak</b>", "met_deadline": True, "round_seconds": 0.1, "compute_seconds": 0.5,
+             "comm_seconds": 0.05, "estimated_compute_seconds": 0.4},
             {"type": "rejected", "round": 1, "client_id": HOSTILE_NAME, "reason": HOSTILE_REASON},
             {"type": "round", "round": 1, "eval_loss": 2.0, "eval_metrics": {"accuracy": 0.3}, "bytes_up": 10,
              "bytes_down": 10, "seconds": 1.0}]
@@ -146,6 +147,7 @@ def test_hostile_client_names_and_reasons_show_as_text(page, tmp_path):
         assert page.locator("#rejections-table tbody td.reason").all_text_contents() == [HOSTILE_REASON]
         assert HOSTILE_NAME in page.locator("#clients-table tbody").text_content()
         assert "<b>weak</b>" in page.locator("#clients-table tbody").text_content()
+        assert "0.50 (0.40) / 0.05" in page.locator("#clients-table tbody").text_content()  # measured (planned)
         assert page.evaluate("window.__pwned") is None
         assert page.locator("body img, body b, body script").count() == 0
         assert page.locator("#skipped").text_content().startswith("1 unreadable line")

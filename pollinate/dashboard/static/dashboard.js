@@ -64,6 +64,14 @@
     return el("span", words[kind] || kind, "badge " + kind);
   }
 
+  // FedPipe plans each client's compute: its estimate stands beside what the client measured.
+  function computeText(client) {
+    const measured = num(client.compute_seconds, 2);
+    return client.estimated_compute_seconds == null
+      ? measured
+      : measured + " (" + num(client.estimated_compute_seconds, 2) + ")";
+  }
+
   function deadlineCell(client, deadline) {
     const wrap = el("span", num(client.round_seconds, 2));
     if (deadline && client.round_seconds !== undefined) {
@@ -106,7 +114,7 @@
     cols.push(
       { title: "up / down (round)", value: (c) => bytes(c.bytes_up) + " / " + bytes(c.bytes_down) },
       { title: "up / down (all rounds)", value: (c) => bytes(c.total_bytes_up) + " / " + bytes(c.total_bytes_down) },
-      { title: "compute / comm s", value: (c) => num(c.compute_seconds, 2) + " / " + num(c.comm_seconds, 2) },
+      { title: "compute (plan's estimate) / comm s", value: (c) => computeText(c) + " / " + num(c.comm_seconds, 2) },
       { title: deadline ? "round s / deadline" : "round s", text: true, value: (c) => deadlineCell(c, deadline) },
       { title: "train loss", value: (c) => num(c.train_loss, 4) },
       { title: "examples", value: (c) => num(c.num_examples, 0) },
