@@ -1,11 +1,11 @@
 """Faults on a real loopback deployment: clients SIGKILLed mid-round; the coordinator SIGKILLed mid-run and resumed.
 
 Runs ``pollinate coordinator`` and one ``pollinate join`` per client on 127.0.0.1, as a user runs them (TLS and
-node keys unless ``--insecure``), and kills whole process trees with SIGKILL while round ``--at-round`` is being
-trained (a round-N ClientApp process is running on the victims):
+node keys unless ``--insecure``), and kills whole process trees with SIGKILL during round ``--at-round``:
 
-- ``clients``: ``--kill`` clients die with their SuperNode and ClientApp processes; the run must finish with the
-  others, name the dead as dropped and keep every round (report, metrics, checkpoints, adapter);
+- ``clients``: as round ``--at-round`` starts (its messages addressed to them), ``--kill`` clients die with their
+  SuperNode, worker and ClientApp processes; the run must finish with the others, name the dead as dropped and
+  keep every round (report, metrics, checkpoints, adapter);
 - ``coordinator``: the same run twice, once uninterrupted and once with the coordinator's whole tree (SuperLink,
   gateway, ServerApp) SIGKILLed and restarted with ``--resume`` while the clients' ``join`` rejoin on their own;
   the final adapters and every round's checkpoint are compared tensor by tensor.
@@ -301,7 +301,11 @@ def kill_clients_mid_round(setup: FaultSetup, work: Path) -> dict[str, Any]:
     with LoopbackDeployment(setup, work / "deployment", pki) as dep:
         dep.start_coordinator()
         dep.start_clients()
-        dep.wait_round_in_flight(setup.at_round, victims)
+        # Killed as soon as round at_round - 1 is recorded: round at_round's messages are addressed to them (Flower
+        # marks a node offline only after missed heartbeats), and tiny-llama's replies could leave before a kill
+        # that waited to see their round-at_round ClientApp.
+        dep.wait_until(f"round {setup.at_round - 1} recorded", lambda: round_time(dep.run_dir, setup.at_round - 1),
+                       setup.run_budget_s())
         killed_at = time.time()
         killed = {i: kill_tree(dep.clients[i].pid) for i in victims}
         code = dep.wait_coordinator()
