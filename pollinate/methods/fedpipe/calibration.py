@@ -8,7 +8,10 @@ Each round: a trained client's measured compute is checked against its plan's es
 or compute more than ``TOLERANCE`` off the estimate, multiplies the scale at the plan's bits by measured over
 estimated compute (the estimate is linear in it) and, over the deadline, the client's ``comm_scale`` by measured
 over estimated communication when that ran over too; the client is then re-planned with the corrected workload.
-Factors are kept within ``SCALE_RANGE`` (a reply may claim any time).
+A round faster than its estimate corrects only halfway (the square root of the ratio): on a shared or throttling
+device one fast round is weaker evidence for a larger plan than one slow round is for a smaller one, and a plan
+grown on a lucky round misses the next deadline. Factors are kept within ``SCALE_RANGE`` (a reply may claim any
+time).
 """
 
 from __future__ import annotations
@@ -73,7 +76,8 @@ def review(plan: ClientPlan, workload: Workload, timing: dict[str, Any], deadlin
     over = timing.get("met_deadline") is False
     if not over and abs(ratio - 1.0) <= TOLERANCE:
         return None
-    corrected = workload.with_time_factor(plan.bits, _bounded(workload.time_factor(plan.bits) * ratio))
+    step = ratio if ratio > 1.0 else math.sqrt(ratio)  # shrink at once, grow halfway
+    corrected = workload.with_time_factor(plan.bits, _bounded(workload.time_factor(plan.bits) * step))
     if over and _positive(comm) and _positive(plan.est_comm_s) and comm > plan.est_comm_s:
         corrected = replace(corrected, comm_scale=_bounded(workload.comm_scale * float(comm) / plan.est_comm_s))
     if over:

@@ -262,6 +262,7 @@ def test_compute_well_under_the_estimate_is_recalibrated_too_and_replan_off_keep
     strategy.begin_round(Nodes(), 2)
     (event,) = _events(strategy, "replan")
     assert "0.50x the estimated" in event["reason"] and strategy.plans[0].local_steps >= before.local_steps
+    assert strategy.book.workloads[0].time_factor(32) == pytest.approx(0.5**0.5, rel=1e-3)  # fast: grown halfway
     off = _planned(tmp_path / "off")
     off.cfg.fedpipe.replan = False
     kept = off.plans[0]
