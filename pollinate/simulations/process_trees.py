@@ -4,6 +4,7 @@ experiments and the deploy tests: list, freeze-and-kill, stop, and find the Clie
 from __future__ import annotations
 
 import subprocess
+import time
 from pathlib import Path
 
 import psutil
@@ -73,12 +74,22 @@ def flower_command(proc: psutil.Process) -> str:
         return "?"
 
 
+def started_at(proc: psutil.Process) -> float:
+    """When ``proc`` started, in epoch seconds to the clock tick. ``Process.create_time`` adds the start (ticks since
+    boot) to the boot time in whole seconds (/proc/stat's btime), so it can read up to 1 s early: a ClientApp started
+    just after a round was recorded would look older than the record."""
+    boot = getattr(time, "CLOCK_BOOTTIME", None)
+    if boot is None:  # not Linux: psutil's value is all there is
+        return proc.create_time()
+    return proc.create_time() - psutil.boot_time() + (time.time() - time.clock_gettime(boot))
+
+
 def clientapps_since(pid: int, since: float) -> list[psutil.Process]:
     """Flower ClientApp processes under ``pid`` started after ``since`` (epoch seconds): a message being trained."""
     found = []
     for proc in process_tree(pid)[1:]:
         try:
-            if "flwr-clientapp" in " ".join(proc.cmdline()) and proc.create_time() > since:
+            if "flwr-clientapp" in " ".join(proc.cmdline()) and started_at(proc) > since:
                 found.append(proc)
         except psutil.Error:  # exited (or a zombie) while we looked
             pass
