@@ -2,7 +2,10 @@
 
 Round 0: a measured step at some bits gives that client's ``Workload.time_scale[bits]``: measured seconds over the
 cost model's seconds for the measured configuration (its batch, mean padded tokens and adapter), applied to every
-(batch, rank) choice at those bits; bits it did not measure keep the model's constants.
+(batch, rank) choice at those bits; bits it did not measure keep the model's constants. A client that measured two
+batch sizes also gets ``Workload.step_overhead[bits]``: the FLOPs-equivalent of the part of a step that does not
+grow with its tokens, from the line through its two (FLOPs, seconds) points, so that the larger batch is not
+charged the smaller one's cost per token.
 
 Each round: a trained client's measured compute is checked against its plan's estimate. A round over the deadline,
 or compute more than ``TOLERANCE`` off the estimate, multiplies the scale at the plan's bits by measured over
@@ -26,35 +29,69 @@ from pollinate.methods.fedpipe.planner.costs import modelled_speed, step_flops
 from pollinate.methods.fedpipe.planner.spec import ModelSpec
 from pollinate.methods.fedpipe.round_zero import MeasuredStep
 
-__all__ = ["SCALE_RANGE", "TOLERANCE", "Review", "initial_workload", "modelled_step_seconds", "review"]
+__all__ = ["MAX_OVERHEAD_RATIO", "SCALE_RANGE", "TOLERANCE", "Review", "fitted_step", "initial_workload",
+           "measured_flops", "modelled_step_seconds", "review"]
 
 TOLERANCE = 0.15  # relative gap between measured and estimated compute that re-plans a client
 SCALE_RANGE = (1e-2, 1e2)
+MAX_OVERHEAD_RATIO = 10.0  # most overhead FLOPs per step, over the larger measured batch's (a reply may claim any)
 
 
 def _bounded(factor: float) -> float:
     return min(max(factor, SCALE_RANGE[0]), SCALE_RANGE[1])
 
 
+def measured_flops(spec: ModelSpec, measured: MeasuredStep, batch_size: int, tokens: float) -> float:
+    """The cost model's FLOPs for one step of the measured adapter at ``batch_size`` over ``tokens`` padded tokens."""
+    n_params = sum(m.lora_params(measured.rank) for m in spec.modules)
+    width = tokens / batch_size
+    fixed, per_param = step_flops(spec, batch_size, width, width)
+    return float(fixed + per_param * n_params)
+
+
 def modelled_step_seconds(spec: ModelSpec, options: PlanOptions, profile: ResourceProfile, bits: int,
                           measured: MeasuredStep) -> float:
     """The cost model's seconds (no measured correction) for one step of the measured configuration at ``bits``."""
-    n_params = sum(m.lora_params(measured.rank) for m in spec.modules)
-    width = measured.tokens / measured.batch_size
-    fixed, per_param = step_flops(spec, measured.batch_size, width, width)
-    return float(fixed + per_param * n_params) / modelled_speed(profile, bits, options)
+    flops = measured_flops(spec, measured, measured.batch_size, measured.tokens)
+    return flops / modelled_speed(profile, bits, options)
+
+
+def fitted_step(small: tuple[float, float], large: tuple[float, float] | None) -> tuple[float, float]:
+    """(seconds per FLOP, overhead FLOPs per step) of the line ``seconds = (flops + overhead) x rate`` through the
+    measured (FLOPs, seconds) points: one point gives no overhead; two give the line through both, with the overhead
+    kept in ``[0, MAX_OVERHEAD_RATIO x`` the larger batch's FLOPs] (a larger batch measured no slower, or
+    more than proportionally slower, is noise: no overhead, the rate of the two together)."""
+    flops_small, seconds_small = small
+    if large is not None:
+        flops_large, seconds_large = large
+        if flops_large > flops_small and seconds_large > seconds_small:
+            overhead = (seconds_small * flops_large - seconds_large * flops_small) / (seconds_large - seconds_small)
+            if 0 < overhead:
+                overhead = min(overhead, MAX_OVERHEAD_RATIO * flops_large)
+                return seconds_large / (flops_large + overhead), overhead
+        return (seconds_small + seconds_large) / (flops_small + flops_large), 0.0
+    return seconds_small / flops_small, 0.0
 
 
 def initial_workload(spec: ModelSpec, options: PlanOptions, profile: ResourceProfile, quantiles: tuple[int, ...],
                      measured: MeasuredStep | None) -> Workload:
     """A client's workload after round 0: its token lengths, and per measured bits (of ``options.bits``) the
-    measured over modelled seconds."""
-    scales = ()
-    if measured is not None:
-        scales = tuple(sorted(
-            (bits, _bounded(seconds / modelled_step_seconds(spec, options, profile, bits, measured)))
-            for bits, seconds in zip(measured.bits, measured.seconds, strict=True) if bits in options.bits))
-    return Workload(quantiles, scales)
+    measured over modelled seconds per FLOP and the overhead FLOPs per step."""
+    if measured is None:
+        return Workload(quantiles)
+    scales, overheads = [], []
+    flops_small = measured_flops(spec, measured, measured.batch_size, measured.tokens)
+    flops_large = (measured_flops(spec, measured, measured.large_batch_size, measured.large_tokens)
+                   if measured.large_batch_size else 0.0)
+    for i, bits in enumerate(measured.bits):
+        if bits not in options.bits:
+            continue
+        large = (flops_large, measured.large_seconds[i]) if measured.large_batch_size else None
+        rate, overhead = fitted_step((flops_small, measured.seconds[i]), large)
+        scales.append((bits, _bounded(rate * modelled_speed(profile, bits, options))))
+        if overhead > 0:
+            overheads.append((bits, overhead))
+    return Workload(quantiles, tuple(sorted(scales)), step_overhead=tuple(sorted(overheads)))
 
 
 @dataclass(frozen=True)

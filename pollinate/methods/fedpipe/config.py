@@ -23,8 +23,9 @@ class FedPipeConfig:
     batch_sizes: list[int] = config_field("Batch sizes the planner may choose", default_factory=lambda: [2, 4, 8])
     score_batches: int = config_field("Local batches used for importance scoring (|W * grad W|)", default=2)
     measure_step: bool = config_field(
-        "Round 0: each client times a few training steps (a small adapter at the smallest batch size, at each of "
-        "fedpipe.bits its memory holds) and the planner corrects its speed estimate per bits by them",
+        "Round 0: each client times a few training steps (a small adapter at the smallest and the largest batch "
+        "size its memory holds, at each of fedpipe.bits it holds) and the planner corrects its speed estimate per "
+        "bits by them, splitting a step into a part that grows with the tokens and one that does not",
         default=True)
     replan: bool = config_field(
         "After each round, re-plan a client whose round ran over federation.deadline_s or whose measured compute "

@@ -27,13 +27,17 @@ MAX_STEP_SECONDS = 86_400.0  # a measured step longer than a day is not a measur
 @dataclass(frozen=True)
 class MeasuredStep:
     """Seconds per step a client measured (scaled to its profile) at each of ``bits``, with an adapter of every
-    candidate module at ``rank``, at ``batch_size``, over ``tokens`` padded tokens per step on average."""
+    candidate module at ``rank``, at ``batch_size``, over ``tokens`` padded tokens per step on average; and the
+    same at ``large_batch_size`` when it measured a second, larger batch."""
 
     bits: tuple[int, ...]
     seconds: tuple[float, ...]
     batch_size: int
     rank: int
     tokens: float
+    large_batch_size: int = 0  # 0: measured at one batch size only
+    large_seconds: tuple[float, ...] = ()
+    large_tokens: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -98,24 +102,41 @@ def read_token_quantiles(record: Any, max_seq_len: int) -> tuple[int, ...]:
 def read_measured_step(record: Any, cfg: RunConfig, longest: int) -> MeasuredStep:
     """``bits`` (distinct, of ``fedpipe.bits``), ``seconds`` per step (one each, in ``(0, MAX_STEP_SECONDS]``),
     ``batch_size`` (of ``fedpipe.batch_sizes``), ``rank`` (of ``fedpipe.ranks``) and mean padded ``tokens`` per
-    step (at most a batch of that size of this client's longest examples: ``[1, batch_size x longest]``)."""
+    step (at most a batch of that size of this client's longest examples: ``[1, batch_size x longest]``);
+    optionally ``large_batch_size`` (of ``fedpipe.batch_sizes``, above ``batch_size``) with its own
+    ``large_seconds`` and ``large_tokens``, checked alike."""
     fp = cfg.fedpipe
     bits = [integer_in(b, 1, 32, "measured bits") for b in _number_list(record, "bits", (1, len(fp.bits)))]
     if any(b not in fp.bits for b in bits) or len(set(bits)) != len(bits):
         raise UpdateRejected(f"measured bits {bits} must be distinct values of fedpipe.bits = {fp.bits}")
-    seconds = _number_list(record, "seconds", (len(bits), len(bits)))
-    if any(finite_number(s) is None or not 0 < s <= MAX_STEP_SECONDS for s in seconds):
-        raise UpdateRejected(f"measured seconds per step must be finite numbers in (0, {MAX_STEP_SECONDS:g}], "
-                             f"got {seconds}", reason="non-finite")
-    batch = integer_in(record.get("batch_size"), 1, max(fp.batch_sizes), "measured batch_size")
-    if batch not in fp.batch_sizes:
-        raise UpdateRejected(f"measured batch_size = {batch} is not one of fedpipe.batch_sizes = {fp.batch_sizes}")
     rank = integer_in(record.get("rank"), 1, max(fp.ranks), "measured rank")
     if rank not in fp.ranks:
         raise UpdateRejected(f"measured rank = {rank} is not one of fedpipe.ranks = {fp.ranks}")
-    tokens = finite_number(record.get("tokens"))
-    if tokens is None or not 1 <= tokens <= batch * longest:
-        raise UpdateRejected(f"measured tokens per step = {repr(record.get('tokens'))[:40]} is not a number in "
-                             f"[1, {batch * longest}] (batch {batch} of examples up to {longest} tokens)")
-    return MeasuredStep(tuple(bits), tuple(float(s) for s in seconds), batch, rank, float(tokens))
+    batch, seconds, tokens = _batch_timing(record, "", cfg, len(bits), longest)
+    if record.get("large_batch_size") is None:
+        return MeasuredStep(tuple(bits), seconds, batch, rank, tokens)
+    large, large_seconds, large_tokens = _batch_timing(record, "large_", cfg, len(bits), longest, above=batch)
+    return MeasuredStep(tuple(bits), seconds, batch, rank, tokens, large, large_seconds, large_tokens)
 
+
+def _batch_timing(record: Any, prefix: str, cfg: RunConfig, n_bits: int, longest: int,
+                  above: int = 0) -> tuple[int, tuple[float, ...], float]:
+    """``{prefix}batch_size`` (above ``above``), ``{prefix}seconds`` (one per bits) and ``{prefix}tokens`` of a
+    measured step."""
+    batch_sizes = cfg.fedpipe.batch_sizes
+    batch = integer_in(record.get(f"{prefix}batch_size"), 1, max(batch_sizes), f"measured {prefix}batch_size")
+    if batch not in batch_sizes:
+        raise UpdateRejected(f"measured {prefix}batch_size = {batch} is not one of fedpipe.batch_sizes = "
+                             f"{batch_sizes}")
+    if batch <= above:
+        raise UpdateRejected(f"measured {prefix}batch_size = {batch} must be above batch_size = {above}")
+    seconds = _number_list(record, f"{prefix}seconds", (n_bits, n_bits))
+    if any(finite_number(s) is None or not 0 < s <= MAX_STEP_SECONDS for s in seconds):
+        raise UpdateRejected(f"measured {prefix}seconds per step must be finite numbers in "
+                             f"(0, {MAX_STEP_SECONDS:g}], got {seconds}"[:200], reason="non-finite")
+    tokens = finite_number(record.get(f"{prefix}tokens"))
+    if tokens is None or not 1 <= tokens <= batch * longest:
+        raise UpdateRejected(f"measured {prefix}tokens per step = {repr(record.get(f'{prefix}tokens'))[:40]} is "
+                             f"not a number in [1, {batch * longest}] (batch {batch} of examples up to {longest} "
+                             "tokens)")
+    return batch, tuple(float(s) for s in seconds), float(tokens)

@@ -70,6 +70,9 @@ def test_the_prepare_reply_carries_token_lengths_and_a_measured_step_the_server_
     step = read.measured
     assert step is not None and set(step.bits) == {32, 4} and all(s > 0 for s in step.seconds)
     assert (step.batch_size, step.rank) == (2, 2) and 1 <= step.tokens <= 2 * quantiles[-1]
+    # and again at the largest batch size (tiny-llama fits every one), over more tokens per step
+    assert step.large_batch_size == 8 and len(step.large_seconds) == 2 and all(s > 0 for s in step.large_seconds)
+    assert step.tokens < step.large_tokens <= 8 * quantiles[-1]
 
 
 def test_without_measure_step_the_reply_has_token_lengths_only(tmp_path):
@@ -91,6 +94,16 @@ def test_a_device_whose_memory_holds_no_fp32_base_measures_only_the_bits_that_fi
     profile.write_text(f"memory_gib = {(need[4] + need[32]) / 2 / GIB!r}\ncompute_tflops = 0.1\n"
                        "uplink_mbps = 10\ndownlink_mbps = 10\n")
     assert step_probe.fitting_bits(cfg, {"profile": str(profile)}, spec, lengths) == [4]
+    # a batch of 8 that fits at one bits only is not measured when the other is: it must fit at every bits
+    need8 = {bits: costs.memory_bytes(0, costs.combo(bits, 8), adapter) for bits in (32, 4)}
+    fits, other = sorted(need8, key=need8.get)
+    assert need8[fits] < need8[other]
+    roomier = tmp_path / "roomier.toml"
+    roomier.write_text(f"memory_gib = {(need8[fits] + need8[other]) / 2 / GIB!r}\ncompute_tflops = 0.1\n"
+                       "uplink_mbps = 10\ndownlink_mbps = 10\n")
+    node = {"profile": str(roomier)}
+    assert step_probe.largest_fitting_batch(cfg, node, spec, lengths, [fits]) == 8
+    assert step_probe.largest_fitting_batch(cfg, node, spec, lengths, [32, 4]) in (4, None)
 
 
 def _valid(cfg) -> RecordDict:
@@ -99,7 +112,8 @@ def _valid(cfg) -> RecordDict:
         "metrics": MetricRecord({"client_id": 3, "num-examples": 10}),
         "tokens": MetricRecord({"quantiles": [4, 9, 30]}),
         "measured_step": MetricRecord({"bits": [32, 8], "seconds": [0.5, 1.5], "batch_size": 2, "rank": 2,
-                                       "tokens": 40.0}),
+                                       "tokens": 40.0, "large_batch_size": 8, "large_seconds": [0.9, 2.5],
+                                       "large_tokens": 200.0}),
     })
 
 
@@ -129,6 +143,11 @@ def _without(record: str):
     (_with("measured_step", rank=3), "not one of fedpipe.ranks"),
     (_with("measured_step", tokens=math.inf), "tokens per step"),
     (_with("measured_step", tokens=61.0), "tokens per step"),  # more than a batch of 2 of its longest (30)
+    (_with("measured_step", large_batch_size=2), "must be above batch_size = 2"),
+    (_with("measured_step", large_batch_size=5), "large_batch_size = 5 is not one of fedpipe.batch_sizes"),
+    (_with("measured_step", large_seconds=[0.9]), "large_seconds: expected a list of 2 to 2"),
+    (_with("measured_step", large_seconds=[math.inf, 1.0]), "large_seconds per step must be finite"),
+    (_with("measured_step", large_tokens=241.0), "large_tokens per step"),  # a batch of 8 of 30 is 240
     (_with("tokens", quantiles=list(range(1, MAX_TOKEN_LEVELS + 2))), "list of 2 to 64 numbers"),
     (_with("tokens", quantiles=[5]), "list of 2 to 64 numbers"),
     (_with("tokens", quantiles=[9, 4, 30]), "non-decreasing"),
@@ -185,6 +204,40 @@ def test_a_measured_step_twice_the_model_halves_the_speed_at_its_bits_only(smoll
                         for w in (Workload((20, 35, 40)), workload))
     for j, (bits, _) in enumerate(plain.combos):
         assert corrected.speed[0, j] == pytest.approx(plain.speed[0, j] / (2.0 if bits == 8 else 1.0))
+
+
+def test_two_measured_batch_sizes_give_a_line_that_reproduces_both_measurements(smollm2):
+    options = PlanOptions(bits=(32, 8), batch_sizes=(2, 4, 8), seq_len=64, local_steps=5)
+    medium = TIER_PROFILES["medium"]
+    # a CPU-like step: 0.30 s whatever the tokens, plus 1 ms per token (batch 2 of 32 tokens: 0.364 s; 8: 0.556 s)
+    measured = MeasuredStep(bits=(32,), seconds=(0.364,), batch_size=2, rank=2, tokens=64.0, large_batch_size=8,
+                            large_seconds=(0.556,), large_tokens=256.0)
+    workload = initial_workload(smollm2, options, medium, (32, 32, 32), measured)
+    assert workload.overhead_flops(32) > 0 and workload.overhead_flops(8) == 0.0
+    costs = CostModel.build(smollm2, options, [medium], [workload])
+    adapter = sum(m.lora_params(2) for m in smollm2.modules)
+    for batch, seconds in ((2, 0.364), (8, 0.556)):
+        assert costs.step_seconds(0, costs.combo(32, batch), adapter) == pytest.approx(seconds, rel=1e-6)
+    assert costs.step_seconds(0, costs.combo(32, 4), adapter) == pytest.approx(0.428, rel=1e-6)  # 0.30 + 128 ms
+    # from the small batch alone, batch 8 would have been charged 4x its cost: 1.456 s for 0.556
+    alone = CostModel.build(smollm2, options, [medium], [initial_workload(
+        smollm2, options, medium, (32, 32, 32), replace(measured, large_batch_size=0, large_seconds=()))])
+    assert alone.step_seconds(0, alone.combo(32, 8), adapter) == pytest.approx(4 * 0.364, rel=1e-6)
+
+
+@pytest.mark.parametrize("large_seconds, expected_overhead", [
+    (4.0, 0.0),  # 4x the FLOPs took more than 4x the time: proportional, no overhead
+    (0.9, 0.0),  # the larger batch measured faster: noise, no overhead
+    (1.000001, 10.0 * 4.0),  # nearly flat: overhead capped at MAX_OVERHEAD_RATIO x the larger batch's FLOPs
+])
+def test_noisy_measurements_give_no_negative_or_unbounded_overhead(large_seconds, expected_overhead):
+    from pollinate.methods.fedpipe.calibration import fitted_step
+
+    rate, overhead = fitted_step((1.0, 1.0), (4.0, large_seconds))
+    assert overhead == pytest.approx(expected_overhead) and rate > 0
+    if overhead == 0:
+        assert rate == pytest.approx((1.0 + large_seconds) / 5.0)
+    assert fitted_step((2.0, 1.0), None) == (0.5, 0.0)
 
 
 # ------------------------------------------------------------------------------------------ each round's check

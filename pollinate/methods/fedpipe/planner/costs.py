@@ -30,6 +30,8 @@ peaks and step time they reproduce.
   gradients for the base, so 4N, not the 6N of full training), 6 FLOPs per token per LoRA parameter,
   and attention 12 x layers x width x hidden per token; the head's weight gradients 2 FLOPs per head
   parameter per sequence (it reads one pooled vector; its forward and input gradient are in the 4N).
+  A client that measured steps at two batch sizes adds, per step, the FLOPs-equivalent of what did not grow with
+  the tokens (``Workload.step_overhead``: on a CPU, mostly streaming the frozen weights).
   Seconds = FLOPs / (compute_tflops x utilization) x a per-bits factor (NF4 computes in bf16) x the client's
   measured correction at those bits (``Workload.time_scale``, 1 where it measured nothing).
 - Tokens: a batch is padded to its longest example. A client's :class:`Workload` gives its examples' token
@@ -220,5 +222,6 @@ def _workload_costs(spec: ModelSpec, options: PlanOptions, combos: tuple[tuple[i
         weights = base_weight_bytes(spec, bits) + dequant_workspace_bytes(spec, bits)
         memory[:, j] = weights + activation_bytes(spec, bits, size, options, widths.longest) + head
         fixed, per_param = step_flops(spec, size, widths.mean[:, c], widths.mean_square[:, c] / widths.mean[:, c])
-        flops[:, j, 0], flops[:, j, 1] = fixed, per_param
+        overhead = np.array([w.overhead_flops(bits) for w in workloads])
+        flops[:, j, 0], flops[:, j, 1] = fixed + overhead, per_param
     return memory, flops * options.local_steps

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -76,11 +76,15 @@ class Workload:
         bits not listed have factor 1 (``PlanOptions.time_factor`` alone).
     comm_scale : float, default 1.0
         Measured over modelled communication seconds.
+    step_overhead : tuple of (int, float), default ()
+        ``(bits, flops)`` pairs: FLOPs-equivalent of the part of a step at those bits that does not grow with its
+        tokens (measured at two batch sizes), added to every step's FLOPs; bits not listed have none.
     """
 
     token_quantiles: tuple[int, ...] = ()
     time_scale: tuple[tuple[int, float], ...] = ()
     comm_scale: float = 1.0
+    step_overhead: tuple[tuple[int, float], ...] = ()
 
     def __post_init__(self) -> None:
         q = self.token_quantiles
@@ -90,6 +94,9 @@ class Workload:
         for bits, factor in self.time_scale:
             if not isinstance(bits, int) or not math.isfinite(factor) or factor <= 0:
                 raise ValueError(f"Workload.time_scale must be (bits, factor > 0) pairs, got {(bits, factor)!r}")
+        for bits, flops in self.step_overhead:
+            if not isinstance(bits, int) or not math.isfinite(flops) or flops < 0:
+                raise ValueError(f"Workload.step_overhead must be (bits, flops >= 0) pairs, got {(bits, flops)!r}")
         if not math.isfinite(self.comm_scale) or self.comm_scale <= 0:
             raise ValueError(f"Workload.comm_scale must be > 0, got {self.comm_scale!r}")
 
@@ -101,4 +108,8 @@ class Workload:
         """This workload with the correction at ``bits`` replaced."""
         scales = dict(self.time_scale)
         scales[bits] = float(factor)
-        return Workload(self.token_quantiles, tuple(sorted(scales.items())), self.comm_scale)
+        return replace(self, time_scale=tuple(sorted(scales.items())))
+
+    def overhead_flops(self, bits: int) -> float:
+        """FLOPs a step at ``bits`` costs beyond its tokens (0 where none was measured)."""
+        return dict(self.step_overhead).get(bits, 0.0)
