@@ -54,7 +54,10 @@ class PlanBook:
             self.profiles[reply.client_id] = reply.profile
             self.workloads[reply.client_id] = initial_workload(self.spec, self.options, reply.profile,
                                                                reply.token_quantiles, reply.measured)
-        plans = self._plan([reply.client_id for reply in replies], importance, server_round)
+        plans, infeasible = self._plan([reply.client_id for reply in replies], importance, server_round)
+        for client, message in infeasible.items():
+            self.recorder.reject(server_round, client, f"no feasible plan: {message}")
+            self.plans.pop(client, None)
         self._record(plans, server_round, importance, replanned=False)
         return plans
 
@@ -74,8 +77,9 @@ class PlanBook:
             self.timings[client] = dict(timing)
 
     def review(self, importance: dict[str, float], server_round: int) -> set[int]:
-        """Re-plan, for ``server_round``, the clients whose last measured round missed its plan; returns those
-        whose ranks changed or who fit no plan any more (what the server holds for them no longer applies)."""
+        """Re-plan, for ``server_round``, the clients whose last measured round missed its plan (one that fits no
+        plan at its corrected speed keeps its plan and workload); returns those whose ranks changed (what the
+        server holds for them no longer applies)."""
         timings, self.timings = self.timings, {}
         if not self.cfg.fedpipe.replan:
             return set()
@@ -89,23 +93,32 @@ class PlanBook:
         if not due:
             return set()
         before = {client: self.plans[client] for client in due}
+        kept_workloads = {client: self.workloads[client] for client in due}
         for client, found in due.items():
             self.workloads[client] = found.workload
-        after = self._plan(list(due), importance, server_round)
+        after, infeasible = self._plan(list(due), importance, server_round)
         for client, found in due.items():
-            new = after.get(client)
-            self.recorder.event("replan", round=server_round, client_id=client, reason=found.reason,
+            reason = found.reason
+            if client in infeasible:
+                # One slow round (a shared or throttled device) must not cost a client the rest of the run: it keeps
+                # the plan it had, and its next round is reviewed again.
+                self.workloads[client] = kept_workloads[client]
+                reason += f"; no plan fits at that speed ({infeasible[client]}), so it keeps its plan"
+            new = after.get(client, before[client])
+            self.recorder.event("replan", round=server_round, client_id=client, reason=reason,
                                 compute_ratio=round(found.compute_ratio, 3), before=plan_summary(before[client]),
-                                after=None if new is None else plan_summary(new))
+                                after=plan_summary(new))
         self._record(after, server_round, importance, replanned=True)
-        return {client for client in due if client not in after or after[client].ranks != before[client].ranks}
+        return {client for client in after if after[client].ranks != before[client].ranks}
 
-    def _plan(self, clients: list[int], importance: dict[str, float], server_round: int) -> dict[int, ClientPlan]:
-        """Plan ``clients`` from their profiles and workloads; one that fits nothing is reported (the planner's
-        message) and loses any plan it had."""
+    def _plan(self, clients: list[int], importance: dict[str, float],
+              server_round: int) -> tuple[dict[int, ClientPlan], dict[int, str]]:
+        """Plan ``clients`` from their profiles and workloads: the plans that fit (recorded in ``plans``), and the
+        planner's message for each client that fits nothing (its old plan, if any, is left to the caller)."""
         profiles = [self.profiles[client] for client in clients]
         workloads = [self.workloads[client] for client in clients]
         plans: dict[int, ClientPlan] = {}
+        infeasible: dict[int, str] = {}
         try:
             for plan in plan_clients(profiles, importance, self.spec, self.options, clients, workloads):
                 plans[int(plan.client_id)] = plan
@@ -115,10 +128,9 @@ class PlanBook:
                     plans[client] = plan_clients([profile], importance, self.spec, self.options, [client],
                                                  [workload])[0]
                 except PlanInfeasible as exc:
-                    self.recorder.reject(server_round, client, f"no feasible plan: {exc}")
-                    self.plans.pop(client, None)
+                    infeasible[client] = str(exc)
         self.plans.update(plans)
-        return plans
+        return plans, infeasible
 
     def _record(self, plans: dict[int, ClientPlan], server_round: int, importance: dict[str, float],
                 replanned: bool) -> None:

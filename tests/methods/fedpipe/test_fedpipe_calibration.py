@@ -300,6 +300,21 @@ def test_a_client_over_the_deadline_is_re_planned_smaller_and_starts_from_a_full
         assert 0 not in strategy.held
 
 
+def test_a_round_so_slow_that_no_plan_fits_keeps_the_client_and_its_plan(tmp_path):
+    strategy = _planned(tmp_path)
+    before, workload = strategy.plans[0], strategy.book.workloads[0]
+    _trained(strategy, 1000 * strategy.cfg.federation.deadline_s)  # one throttled round: 1000x the deadline
+    strategy.begin_round(Nodes(), 2)
+    assert strategy.plans[0] is before and strategy.book.workloads[0] == workload  # not dropped for the run
+    assert not strategy.recorder.rejected
+    (event,) = _events(strategy, "replan")
+    assert "no plan fits at that speed" in event["reason"] and "keeps its plan" in event["reason"]
+    assert event["after"] == event["before"]
+    _trained(strategy, before.est_compute_s)  # the next round is on plan again: nothing to re-plan
+    strategy.begin_round(Nodes(), 3)
+    assert strategy.plans[0] is before and len(_events(strategy, "replan")) == 1
+
+
 def test_a_client_within_15_percent_keeps_its_plan(tmp_path):
     strategy = _planned(tmp_path)
     before = strategy.plans[0]
