@@ -157,6 +157,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from pollinate.dashboard.launch import dashboard_running
+    from pollinate.server.strategy import RunStalled
     from pollinate.simulations.run import default_run_dir, simulate
     from pollinate.simulations.stopping import SimulationInterrupted
 
@@ -172,6 +173,10 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     except SimulationInterrupted as stopped:  # Ctrl-C / SIGTERM: 130 / 143, and how to resume
         print(f"pollinate simulate: {stopped}", file=sys.stderr)
         return stopped.exit_code
+    except RunStalled as stalled:  # no update accepted for federation.max_skipped_rounds rounds
+        print(f"pollinate simulate: {stalled}; fix that, then resume with: pollinate simulate --resume {run_dir}",
+              file=sys.stderr)
+        return 1
     _print_summary(report, run_dir, "report.md, metrics.jsonl, adapter/")
     return 0
 

@@ -148,6 +148,9 @@ class FederationConfig:
     relative_norm_bound: float = config_field(
         "Reject a client update whose L2 norm exceeds this many times the round's median client norm "
         "(0 = off; applies from 3 replies)", server_only=True, default=10.0)
+    max_skipped_rounds: int = config_field(
+        "Stop the run (its last checkpoint kept for --resume) after this many rounds in a row with no accepted "
+        "update, naming the last rejections (0 = never stop)", server_only=True, default=3)
     aggregator: str = config_field("How accepted updates combine: fedavg | median | trimmed-mean | krum | multi-krum",
                                    server_only=True, default="fedavg")
     byzantine_clients: int = config_field(
@@ -178,6 +181,8 @@ class FederationConfig:
         require(self.max_examples_per_client >= 1, "federation.max_examples_per_client",
                 self.max_examples_per_client, "an int >= 1")
         require(self.update_norm_bound >= 0, "federation.update_norm_bound", self.update_norm_bound, "a float >= 0")
+        require(self.max_skipped_rounds >= 0, "federation.max_skipped_rounds", self.max_skipped_rounds,
+                "an integer >= 0")
         require(self.relative_norm_bound == 0 or self.relative_norm_bound >= 1, "federation.relative_norm_bound",
                 self.relative_norm_bound, "0 (off) or a float >= 1")
         one_of("federation.aggregator", self.aggregator, AGGREGATORS)

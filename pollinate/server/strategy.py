@@ -69,7 +69,11 @@ from pollinate.server.replies import (
 from pollinate.server.round_timing import RoundTiming
 from pollinate.server.server_optimizer import server_optimizer_for
 
-__all__ = ["PollinateStrategy", "Reply", "UpdateRejected", "check_arrays", "rejection_reason"]
+__all__ = ["PollinateStrategy", "Reply", "RunStalled", "UpdateRejected", "check_arrays", "rejection_reason"]
+
+
+class RunStalled(RuntimeError):
+    """``federation.max_skipped_rounds`` rounds in a row accepted no update: the run stops, resumable."""
 
 
 def in_run_rounds(hook: Callable[..., Any]) -> Callable[..., Any]:
@@ -130,6 +134,7 @@ class PollinateStrategy(Strategy):
         self._clients: list[dict[str, Any]] = []
         self._train_loss: float | None = None
         self._sent: list[Message] = []
+        self._skipped_in_a_row = 0
         task_type = resolve_task_type(cfg.data, resolve_model(cfg.model.name).default_task)
         self.client_eval = ClientEvaluation(cfg, recorder, metric_name(task_type))
         # What a client half reads of the config: the core sections it uses and its method's own, no others.
@@ -404,6 +409,7 @@ class PollinateStrategy(Strategy):
         self._train_loss = None
         if len(accepted) < self.min_replies:
             self.recorder.event("round_skipped", round=server_round, accepted=len(accepted), needed=self.min_replies)
+            self._skipped(server_round)
             return None, None
         accepted.sort(key=lambda reply: reply.client_id)
         try:
@@ -413,9 +419,23 @@ class PollinateStrategy(Strategy):
             self.recorder.event("round_skipped", round=server_round, accepted=len(accepted), reason=reason)
             self.recorder.console.print(Text(f"round {server_round}: aggregation failed, the global model is "
                                              f"unchanged: {reason}", style="yellow"))
+            self._skipped(server_round)
             return None, None
+        self._skipped_in_a_row = 0
         self._train_loss = mean_train_loss(accepted)
         return arrays, MetricRecord({} if self._train_loss is None else {"train_loss": self._train_loss})
+
+    def _skipped(self, server_round: int) -> None:
+        """Count a round that changed nothing; ``federation.max_skipped_rounds`` of them in a row end the run
+        (``RunStalled``) rather than evaluating the same model round after round (clients out of memory, a bound
+        every update breaks)."""
+        self._skipped_in_a_row += 1
+        limit = self.cfg.federation.max_skipped_rounds
+        if limit and self._skipped_in_a_row >= limit:
+            reasons = sorted({r["reason"] for r in self.recorder.rejected if r["round"] == server_round})
+            last = "; ".join(peer_text(reason, 160) for reason in reasons[:3]) or "too few replies"
+            raise RunStalled(f"stopped: rounds {server_round - limit + 1}-{server_round} had no accepted update "
+                             f"(federation.max_skipped_rounds = {limit}); round {server_round}: {last}")
 
     def combine(self, states: list[dict[str, np.ndarray]], weights: list[float]) -> dict[str, np.ndarray]:
         """Client states (or updates) combined by ``federation.aggregator`` (``fedavg``: example-weighted)."""

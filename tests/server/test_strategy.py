@@ -132,3 +132,33 @@ def test_a_failing_aggregation_keeps_the_global_and_the_run_goes_on(tmp_path, mo
     events = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     skipped = [e for e in events if e["type"] == "round_skipped"]
     assert skipped and "ZeroDivisionError: total weight 0" in skipped[0]["reason"]
+
+
+def test_rounds_with_no_accepted_update_in_a_row_stop_the_run_and_an_accepted_round_resets_the_count(tmp_path):
+    from pollinate.server.strategy import RunStalled
+
+    strategy = _strategy(tmp_path, "federation.max_skipped_rounds=2", "federation.update_norm_bound=1.0")
+
+    def train(server_round: int, shift: float):
+        messages = _pushed(strategy.configure_train(server_round, strategy.initial_arrays(), ConfigRecord(),
+                                                    FakeGrid(NODES)))
+        return strategy.aggregate_train(server_round, [_reply(m, shift, NODES.index(m.metadata.dst_node_id))
+                                                       for m in messages])
+
+    assert train(1, 5.0) == (None, None)  # every update over the norm bound: skipped, the run goes on
+    assert train(2, 1e-4)[0] is not None  # accepted: the count starts again
+    assert train(3, 5.0) == (None, None)
+    with pytest.raises(RunStalled) as stalled:
+        train(4, 5.0)
+    message = str(stalled.value)
+    assert message.startswith("stopped: rounds 3-4 had no accepted update (federation.max_skipped_rounds = 2)")
+    assert "exceeds federation.update_norm_bound = 1" in message and "\n" not in message
+
+
+def test_max_skipped_rounds_zero_never_stops(tmp_path):
+    strategy = _strategy(tmp_path, "federation.max_skipped_rounds=0", "federation.update_norm_bound=1.0")
+    for server_round in range(1, 5):
+        messages = _pushed(strategy.configure_train(server_round, strategy.initial_arrays(), ConfigRecord(),
+                                                    FakeGrid(NODES)))
+        replies = [_reply(m, 5.0, NODES.index(m.metadata.dst_node_id)) for m in messages]
+        assert strategy.aggregate_train(server_round, replies) == (None, None)

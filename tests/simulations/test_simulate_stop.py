@@ -156,3 +156,17 @@ def test_sigterm_stops_a_simulation_cleanly_and_leaves_it_resumable(tmp_path):
     cfg = RunConfig.from_dict(tomllib.loads((run_dir / "config.toml").read_text()))
     assert find_resume_point(run_dir, cfg).server_round == last
     assert not list((run_dir / "checkpoints").glob("*.tmp"))
+
+
+@pytest.mark.slow
+def test_a_run_whose_updates_are_all_rejected_stops_with_one_line_and_stays_resumable(tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "pollinate.cli", "simulate", "--model", "tiny-llama", "--clients", "2", "--rounds", "5",
+         "--set", "federation.update_norm_bound=1e-9", "--set", "federation.max_skipped_rounds=2", "--out", str(out),
+         "--quiet"], cwd=ROOT, capture_output=True, text=True, timeout=600, env=os.environ.copy())
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("pollinate simulate: stopped: rounds 1-2 had no accepted update"), proc.stderr[-3000:]
+    assert "exceeds federation.update_norm_bound" in last and last.endswith(f"--resume {out}")
+    assert "Traceback" not in proc.stderr and latest_round(out) == 1  # round 1's (unchanged) global is kept
