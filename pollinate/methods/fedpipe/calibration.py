@@ -82,11 +82,11 @@ def initial_workload(spec: ModelSpec, options: PlanOptions, profile: ResourcePro
     scales, overheads = [], []
     flops_small = measured_flops(spec, measured, measured.batch_size, measured.tokens)
     flops_large = (measured_flops(spec, measured, measured.large_batch_size, measured.large_tokens)
-                   if measured.large_batch_size else 0.0)
+                   if measured.large_batch_size else None)
     for i, bits in enumerate(measured.bits):
         if bits not in options.bits:
             continue
-        large = (flops_large, measured.large_seconds[i]) if measured.large_batch_size else None
+        large = None if flops_large is None else (flops_large, measured.large_seconds[i])
         rate, overhead = fitted_step((flops_small, measured.seconds[i]), large)
         scales.append((bits, _bounded(rate * modelled_speed(profile, bits, options))))
         if overhead > 0:

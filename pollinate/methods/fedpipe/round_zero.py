@@ -133,7 +133,7 @@ def _batch_timing(record: Any, prefix: str, cfg: RunConfig, n_bits: int, longest
     seconds = _number_list(record, f"{prefix}seconds", (n_bits, n_bits))
     if any(finite_number(s) is None or not 0 < s <= MAX_STEP_SECONDS for s in seconds):
         raise UpdateRejected(f"measured {prefix}seconds per step must be finite numbers in "
-                             f"(0, {MAX_STEP_SECONDS:g}], got {seconds}"[:200], reason="non-finite")
+                             f"(0, {MAX_STEP_SECONDS:g}], got {seconds}", reason="non-finite")
     tokens = finite_number(record.get(f"{prefix}tokens"))
     if tokens is None or not 1 <= tokens <= batch * longest:
         raise UpdateRejected(f"measured {prefix}tokens per step = {repr(record.get(f'{prefix}tokens'))[:40]} is "

@@ -53,26 +53,26 @@ def token_summary(data: runtime.LocalData) -> MetricRecord:
 def fitting_bits(cfg: RunConfig, node_config: dict[str, Any], spec: ModelSpec, lengths: list[int]) -> list[int]:
     """Bits of ``fedpipe.bits`` at which the measured setup (smallest batch, every module at the smallest rank)
     fits this client's memory, by the planner's memory model and this client's longest example."""
-    batch = min(cfg.fedpipe.batch_sizes)
-    return [bits for bits in sorted(cfg.fedpipe.bits, reverse=True)
-            if _fits(cfg, node_config, spec, lengths, bits, batch)]
+    fits, batch = _memory_check(cfg, node_config, spec, lengths), min(cfg.fedpipe.batch_sizes)
+    return [bits for bits in sorted(cfg.fedpipe.bits, reverse=True) if fits(bits, batch)]
 
 
 def largest_fitting_batch(cfg: RunConfig, node_config: dict[str, Any], spec: ModelSpec, lengths: list[int],
                           bits_list: list[int]) -> int | None:
     """The largest of ``fedpipe.batch_sizes`` above the smallest whose measured setup fits at every one of
     ``bits_list``; None when only the smallest does."""
-    smallest = min(cfg.fedpipe.batch_sizes)
-    return next((batch for batch in sorted(cfg.fedpipe.batch_sizes, reverse=True) if batch > smallest
-                 and all(_fits(cfg, node_config, spec, lengths, bits, batch) for bits in bits_list)), None)
+    fits, smallest = _memory_check(cfg, node_config, spec, lengths), min(cfg.fedpipe.batch_sizes)
+    return next((batch for batch in sorted(cfg.fedpipe.batch_sizes, reverse=True)
+                 if batch > smallest and all(fits(bits, batch) for bits in bits_list)), None)
 
 
-def _fits(cfg: RunConfig, node_config: dict[str, Any], spec: ModelSpec, lengths: list[int], bits: int,
-          batch: int) -> bool:
+def _memory_check(cfg: RunConfig, node_config: dict[str, Any], spec: ModelSpec,
+                  lengths: list[int]) -> Callable[[int, int], bool]:
+    """Whether the measured setup at (bits, batch) fits this client's memory (one cost model for every query)."""
     profile = runtime.client_profile(cfg, node_config)
     costs = CostModel.build(spec, plan_options(cfg), [profile], [Workload(tuple(token_quantiles(lengths)))])
     n_params = sum(m.lora_params(min(cfg.fedpipe.ranks)) for m in spec.modules)
-    return costs.memory_bytes(0, costs.combo(bits, batch), n_params) <= profile.memory_bytes
+    return lambda bits, batch: costs.memory_bytes(0, costs.combo(bits, batch), n_params) <= profile.memory_bytes
 
 
 def measured_step(cfg: RunConfig, node_config: dict[str, Any], data: runtime.LocalData, spec: ModelSpec,

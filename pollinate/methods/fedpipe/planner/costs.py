@@ -217,11 +217,11 @@ def _workload_costs(spec: ModelSpec, options: PlanOptions, combos: tuple[tuple[i
     head = options.adapter_state_bytes_per_param * spec.head_params
     memory = np.empty((len(workloads), len(combos)))
     flops = np.empty((len(workloads), len(combos), 2))
+    overheads = {bits: np.array([w.overhead_flops(bits) for w in workloads]) for bits, _ in combos}
     for j, (bits, size) in enumerate(combos):
         c = batches.index(size)
         weights = base_weight_bytes(spec, bits) + dequant_workspace_bytes(spec, bits)
         memory[:, j] = weights + activation_bytes(spec, bits, size, options, widths.longest) + head
         fixed, per_param = step_flops(spec, size, widths.mean[:, c], widths.mean_square[:, c] / widths.mean[:, c])
-        overhead = np.array([w.overhead_flops(bits) for w in workloads])
-        flops[:, j, 0], flops[:, j, 1] = fixed + overhead, per_param
+        flops[:, j, 0], flops[:, j, 1] = fixed + overheads[bits], per_param
     return memory, flops * options.local_steps
